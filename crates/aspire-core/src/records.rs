@@ -75,6 +75,18 @@ impl VersionState {
     }
 }
 
+impl std::fmt::Display for VersionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VersionState::Start => "START",
+            VersionState::Loading => "LOADING",
+            VersionState::Available => "AVAILABLE",
+            VersionState::Unloading => "UNLOADING",
+            VersionState::End => "END",
+        })
+    }
+}
+
 /// A version's state and, when its load failed, why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionStatus {

@@ -1,14 +1,30 @@
-//! The batcher of one loaded model version: a bounded queue and dedicated batch threads.
+//! The batcher of one loaded model version: a bounded queue of requests and the dedicated
+//! OS threads that merge compatible requests into batches and run the forward passes.
 //!
-//! INTERFACE (filled in by the batcher work; the rest of the worker codes against it).
+//! It owns TensorFlow Serving's batching semantics for a version: sizes count rows
+//! (dimension 0); a batch thread takes the oldest request plus the queued requests that
+//! can share its forward pass, up to `max_batch_size` rows, and runs at once
+//! (`batch_timeout` zero) or when the batch is full or its oldest request has waited
+//! `batch_timeout`. Requests whose deadline passed or whose caller left are answered or
+//! dropped before they cost a forward pass. Inputs are concatenated (and padded to
+//! `allowed_batch_sizes`) once per batch; outputs go back to callers as zero-copy slices.
+//!
+//! - `queue`: the queue, its capacity and the rule that gathers a batch;
+//! - `run`: the batch threads and one forward pass.
 
-use std::sync::Arc;
+mod queue;
+mod run;
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use aspire_core::Signature;
+use tokio::sync::oneshot;
 
 use crate::model::Servable;
 use crate::tensor::HostTensor;
+use queue::{Item, Shared};
 
 /// How a version's requests are batched (TF Serving's BatchingParameters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,15 +75,52 @@ pub enum BatchError {
     ShuttingDown,
 }
 
+/// Counts since the batcher started, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Forward passes run (failed ones included).
+    pub batches: u64,
+    /// Requests that went into those forward passes.
+    pub requests: u64,
+    /// Rows of those requests: the sum of batch sizes, padding excluded.
+    pub rows: u64,
+    /// Zero rows added to reach an allowed batch size.
+    pub padding_rows: u64,
+    /// Forward passes that failed (model error, panic or bad outputs).
+    pub failed_batches: u64,
+    /// Requests answered `DeadlineExceeded` instead of being run.
+    pub expired: u64,
+    /// Requests whose caller left before they ran; they were not run.
+    pub abandoned: u64,
+}
+
 /// The queue and batch threads of one model version.
 pub struct Batcher {
-    _private: (),
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Batcher {
-    /// Starts `config.num_batch_threads` threads running `model`.
-    pub fn new(_model: Arc<dyn Servable>, _config: BatchConfig) -> Self {
-        unimplemented!("batcher")
+    /// Starts `config.num_batch_threads` threads running `model`. Counts of zero in
+    /// `config` are taken as 1. Panics only if the OS cannot start a thread.
+    pub fn new(model: Arc<dyn Servable>, mut config: BatchConfig) -> Self {
+        config.max_batch_size = config.max_batch_size.max(1);
+        config.max_enqueued_batches = config.max_enqueued_batches.max(1);
+        config.num_batch_threads = config.num_batch_threads.max(1);
+        let shared = Arc::new(Shared::new(config));
+        let threads = (0..shared.config.num_batch_threads)
+            .map(|i| {
+                let (shared, model) = (Arc::clone(&shared), Arc::clone(&model));
+                thread::Builder::new()
+                    .name(format!("aspire-batch-{i}"))
+                    .spawn(move || run::batch_thread(shared, model))
+                    .expect("the OS refused to start a batch thread")
+            })
+            .collect();
+        Self {
+            shared,
+            threads: Mutex::new(threads),
+        }
     }
 
     /// Queues one request (inputs in the signature's order, each with the same rows) and
@@ -75,22 +128,769 @@ impl Batcher {
     /// signature and their inputs agree on every dimension but the first. A request whose
     /// `deadline` passes, or whose caller stops waiting (the future is dropped), while
     /// queued is removed before the forward pass.
+    ///
+    /// Rejections (`TooLarge`, `QueueFull`, `ShuttingDown`) come on the first poll. The
+    /// deadline is checked by the batch threads, so while every one of them is busy in a
+    /// long forward pass an expired request is answered when one comes free; a caller
+    /// that must return at the deadline wraps this in a timeout (dropping the future
+    /// unqueues the request). Inputs that contradict each other or the signature (which
+    /// the codec rules out) are refused as `Model` errors, never run.
     pub async fn submit(
         &self,
-        _signature: Arc<Signature>,
-        _inputs: Vec<HostTensor>,
-        _deadline: Option<Instant>,
+        signature: Arc<Signature>,
+        inputs: Vec<HostTensor>,
+        deadline: Option<Instant>,
     ) -> Result<Vec<HostTensor>, BatchError> {
-        unimplemented!("batcher")
+        let rows = check_inputs(&signature, &inputs).map_err(BatchError::Model)?;
+        let config = &self.shared.config;
+        // Without batching there is no batch to overflow, as in TF Serving.
+        if config.enabled && rows > config.max_batch_size {
+            return Err(BatchError::TooLarge {
+                rows,
+                max: config.max_batch_size,
+            });
+        }
+        let enqueued = Instant::now();
+        if deadline.is_some_and(|d| d <= enqueued) {
+            return Err(BatchError::DeadlineExceeded);
+        }
+        let (reply, outputs) = oneshot::channel();
+        self.shared.push(Item {
+            signature,
+            inputs,
+            rows,
+            deadline,
+            enqueued,
+            reply,
+        })?;
+        outputs.await.unwrap_or_else(|_| {
+            Err(BatchError::Model(
+                "the batch thread stopped without answering".to_string(),
+            ))
+        })
     }
 
     /// Rows waiting in the queue.
     pub fn queued_rows(&self) -> usize {
-        unimplemented!("batcher")
+        self.shared.queued_rows()
     }
 
-    /// Stops taking requests, lets the queued ones finish, and joins the threads.
+    /// Queue capacity in rows (`max_enqueued_batches * max_batch_size`).
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// The configuration in force (zero counts raised to 1).
+    pub fn config(&self) -> &BatchConfig {
+        &self.shared.config
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> BatchStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Stops taking requests, lets the queued ones finish, and joins the threads. Blocks
+    /// for as long as that takes (call it from `spawn_blocking` in async code); a second
+    /// call, even a concurrent one, returns once the threads are gone.
     pub fn shutdown(&self) {
-        unimplemented!("batcher")
+        self.shared.close(false);
+        // Holding the lock while joining makes concurrent callers wait for the join too.
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        let me = thread::current().id();
+        for handle in threads.drain(..) {
+            // A model that unloads its own version from a batch thread must not deadlock.
+            if handle.thread().id() != me {
+                // The thread catches panics itself; an error here has nothing to report.
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Drop for Batcher {
+    /// Answers whatever is queued with `ShuttingDown` (no caller can still be waiting:
+    /// `submit` borrows the batcher) and lets the threads exit after their current batch,
+    /// without waiting for them.
+    fn drop(&mut self) {
+        for item in self.shared.close(true) {
+            let _ = item.reply.send(Err(BatchError::ShuttingDown));
+        }
+    }
+}
+
+/// Rows of a request whose inputs can be batched: one per signature input, none a
+/// scalar, all with the same known rows and as many bytes as their shape says. The
+/// batcher relies on this to concatenate and split without going out of bounds.
+fn check_inputs(signature: &Signature, inputs: &[HostTensor]) -> Result<usize, String> {
+    if inputs.len() != signature.inputs.len() {
+        return Err(format!(
+            "the request has {} inputs; the signature has {}",
+            inputs.len(),
+            signature.inputs.len()
+        ));
+    }
+    let mut rows = None;
+    for (t, spec) in inputs.iter().zip(&signature.inputs) {
+        let name = &spec.name;
+        if t.shape.is_empty() {
+            return Err(format!(
+                "input '{name}' is a scalar; it needs a batch dimension"
+            ));
+        }
+        if t.shape.iter().any(|d| *d < 0) {
+            return Err(format!(
+                "input '{name}' has shape {:?}; sizes must be known",
+                t.shape
+            ));
+        }
+        let bytes = t.numel() * t.dtype.size();
+        if t.data.len() != bytes {
+            return Err(format!(
+                "input '{name}' has {} bytes; shape {:?} of {} needs {bytes}",
+                t.data.len(),
+                t.shape,
+                t.dtype
+            ));
+        }
+        match rows {
+            None => rows = Some((t.rows(), name)),
+            Some((r, first)) if r != t.rows() => {
+                return Err(format!(
+                    "input '{name}' has {} rows but input '{first}' has {r}; every input needs the same rows",
+                    t.rows()
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(rows.map_or(0, |(r, _)| r))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::mpsc;
+
+    use aspire_core::{DType, TensorSpec};
+    use futures::FutureExt;
+
+    use super::*;
+
+    type Reply = Result<Vec<HostTensor>, BatchError>;
+    type Pending<'a> = Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
+
+    /// Long enough never to fire on a loaded machine; only turns a hang into a failure.
+    const GUARD: Duration = Duration::from_secs(20);
+
+    /// What the fake model was given in one forward pass.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Seen {
+        method: String,
+        rows: usize,
+        inner: Vec<i64>,
+        values: Vec<f32>,
+    }
+
+    /// Outputs `doubled` = 2 * the first input and `sum` = each row's sum over all
+    /// inputs, so every caller's rows are checkable. A -1 in the first input panics, a
+    /// -2 fails. The first forward pass can be held on a gate so tests pile up requests.
+    #[derive(Default)]
+    struct Fake {
+        seen: Mutex<Vec<Seen>>,
+        gate: Mutex<Option<(oneshot::Sender<()>, mpsc::Receiver<()>)>>,
+        extra_output_rows: usize,
+    }
+
+    struct Gate {
+        entered: Option<oneshot::Receiver<()>>,
+        release: mpsc::Sender<()>,
+    }
+
+    impl Gate {
+        /// Waits until the model holds the first forward pass.
+        async fn entered(&mut self) {
+            let entered = self.entered.take().expect("entered once");
+            tokio::time::timeout(GUARD, entered)
+                .await
+                .expect("model never ran")
+                .unwrap();
+        }
+
+        fn release(&self) {
+            self.release.send(()).unwrap();
+        }
+    }
+
+    impl Fake {
+        fn gated() -> (Arc<Fake>, Gate) {
+            let (entered_tx, entered) = oneshot::channel();
+            let (release, release_rx) = mpsc::channel();
+            let fake = Fake {
+                gate: Mutex::new(Some((entered_tx, release_rx))),
+                ..Fake::default()
+            };
+            (
+                Arc::new(fake),
+                Gate {
+                    entered: Some(entered),
+                    release,
+                },
+            )
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+
+        fn batch_sizes(&self) -> Vec<usize> {
+            self.seen().iter().map(|s| s.rows).collect()
+        }
+    }
+
+    impl Servable for Fake {
+        fn run(
+            &self,
+            signature: &Signature,
+            inputs: &[HostTensor],
+        ) -> Result<Vec<HostTensor>, String> {
+            let x = inputs[0].to_f32().unwrap();
+            let rows = inputs[0].rows();
+            self.seen.lock().unwrap().push(Seen {
+                method: signature.method.clone(),
+                rows,
+                inner: inputs[0].shape[1..].to_vec(),
+                values: x.clone(),
+            });
+            let gate = self.gate.lock().unwrap().take();
+            if let Some((entered, release)) = gate {
+                entered.send(()).unwrap();
+                release
+                    .recv_timeout(GUARD)
+                    .expect("test never released the gate");
+            }
+            if x.contains(&-1.0) {
+                panic!("the fake model saw -1");
+            }
+            if x.contains(&-2.0) {
+                return Err("the fake model refuses -2".to_string());
+            }
+            let mut sums = vec![0.0; rows];
+            for input in inputs {
+                let v = input.to_f32().unwrap();
+                let width = v.len() / rows.max(1);
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    *sum += v[r * width..(r + 1) * width].iter().sum::<f32>();
+                }
+            }
+            let out_rows = rows + self.extra_output_rows;
+            sums.resize(out_rows, 0.0);
+            let mut doubled: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+            let mut shape = inputs[0].shape.clone();
+            shape[0] = out_rows as i64;
+            doubled.resize(numel(&shape), 0.0);
+            Ok(vec![
+                HostTensor::from_f32(shape, &doubled),
+                HostTensor::from_f32(vec![out_rows as i64], &sums),
+            ])
+        }
+    }
+
+    use crate::tensor::numel;
+
+    fn spec(name: &str) -> TensorSpec {
+        TensorSpec {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape: Some(vec![-1, -1]),
+        }
+    }
+
+    fn signature(method: &str, inputs: &[&str]) -> Arc<Signature> {
+        Arc::new(Signature {
+            method: method.to_string(),
+            inputs: inputs.iter().map(|n| spec(n)).collect(),
+            outputs: vec![
+                spec("doubled"),
+                TensorSpec {
+                    shape: Some(vec![-1]),
+                    ..spec("sum")
+                },
+            ],
+        })
+    }
+
+    fn sig() -> Arc<Signature> {
+        signature("forward", &["x"])
+    }
+
+    /// `rows` x `width` float32 values counting up from `base`.
+    fn tensor(rows: usize, width: usize, base: f32) -> HostTensor {
+        let values: Vec<f32> = (0..rows * width).map(|i| base + i as f32).collect();
+        HostTensor::from_f32(vec![rows as i64, width as i64], &values)
+    }
+
+    fn config(max_batch_size: usize) -> BatchConfig {
+        BatchConfig {
+            enabled: true,
+            max_batch_size,
+            batch_timeout: Duration::ZERO,
+            max_enqueued_batches: 4,
+            num_batch_threads: 1,
+            allowed_batch_sizes: Vec::new(),
+        }
+    }
+
+    /// Submits and polls once, so the request is queued when this returns.
+    async fn enqueue<'a>(
+        b: &'a Batcher,
+        signature: Arc<Signature>,
+        inputs: Vec<HostTensor>,
+        deadline: Option<Instant>,
+    ) -> Pending<'a> {
+        let mut pending: Pending<'a> = Box::pin(b.submit(signature, inputs, deadline));
+        assert!(
+            futures::poll!(&mut pending).is_pending(),
+            "answered while the model was held"
+        );
+        pending
+    }
+
+    async fn finish(pending: Pending<'_>) -> Reply {
+        tokio::time::timeout(GUARD, pending)
+            .await
+            .expect("request never answered")
+    }
+
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < GUARD, "never happened: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn values(outputs: &[HostTensor]) -> Vec<Vec<f32>> {
+        outputs.iter().map(|t| t.to_f32().unwrap()).collect()
+    }
+
+    /// Starts a batcher whose single thread is held inside a forward pass of one row.
+    async fn held(config: BatchConfig) -> (Arc<Fake>, Gate, Batcher) {
+        let (fake, mut gate) = Fake::gated();
+        let b = Batcher::new(fake.clone(), config);
+        b.submit(sig(), vec![tensor(1, 2, 100.0)], None)
+            .now_or_never();
+        gate.entered().await;
+        (fake, gate, b)
+    }
+
+    #[test]
+    fn submit_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let b = Batcher::new(Arc::new(Fake::default()), config(4));
+        assert_send(&b.submit(sig(), vec![tensor(1, 2, 0.0)], None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_share_one_batch_and_match_running_alone() {
+        let sig2 = signature("forward", &["x", "y"]);
+        let requests: Vec<Vec<HostTensor>> = [(1, 0.0), (3, 10.0), (2, 20.0)]
+            .iter()
+            .map(|&(rows, base)| vec![tensor(rows, 2, base), tensor(rows, 3, base + 0.5)])
+            .collect();
+
+        let alone = Fake::default();
+        let mut expected = Vec::new();
+        for inputs in &requests {
+            expected.push(values(&alone.run(&sig2, inputs).unwrap()));
+        }
+
+        let (fake, gate, b) = held(config(8)).await;
+        let mut pending = Vec::new();
+        for inputs in &requests {
+            pending.push(enqueue(&b, sig2.clone(), inputs.clone(), None).await);
+        }
+        assert_eq!(b.queued_rows(), 6);
+        gate.release();
+        for (p, want) in pending.into_iter().zip(expected) {
+            assert_eq!(values(&finish(p).await.unwrap()), want);
+        }
+        assert_eq!(fake.batch_sizes(), vec![1, 6]);
+        assert_eq!(b.queued_rows(), 0);
+        let stats = b.stats();
+        assert_eq!((stats.batches, stats.requests, stats.rows), (2, 4, 7));
+    }
+
+    #[tokio::test]
+    async fn incompatible_shapes_and_signatures_are_not_mixed() {
+        let (fake, gate, b) = held(config(8)).await;
+        let other = signature("other", &["x"]);
+        let a = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
+        let wide = enqueue(&b, sig(), vec![tensor(2, 3, 10.0)], None).await;
+        let c = enqueue(&b, sig(), vec![tensor(1, 2, 20.0)], None).await;
+        let d = enqueue(&b, other, vec![tensor(1, 2, 30.0)], None).await;
+        gate.release();
+        assert_eq!(values(&finish(a).await.unwrap())[0], vec![0.0, 2.0]);
+        assert_eq!(
+            values(&finish(wide).await.unwrap())[1],
+            vec![10.0 + 11.0 + 12.0, 13.0 + 14.0 + 15.0]
+        );
+        assert_eq!(values(&finish(c).await.unwrap())[0], vec![40.0, 42.0]);
+        assert_eq!(values(&finish(d).await.unwrap())[0], vec![60.0, 62.0]);
+        let batches: Vec<(String, usize, Vec<i64>)> = fake
+            .seen()
+            .into_iter()
+            .map(|s| (s.method, s.rows, s.inner))
+            .collect();
+        let forward = || "forward".to_string();
+        assert_eq!(
+            batches,
+            vec![
+                (forward(), 1, vec![2]),
+                (forward(), 2, vec![2]), // a and c, over the wider request between them
+                (forward(), 2, vec![3]),
+                ("other".to_string(), 1, vec![2]),
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partial_batch_flushes_after_timeout() {
+        let timeout = Duration::from_millis(50);
+        let fake = Arc::new(Fake::default());
+        let b = Batcher::new(
+            fake.clone(),
+            BatchConfig {
+                batch_timeout: timeout,
+                ..config(8)
+            },
+        );
+        let start = Instant::now();
+        let (one, two) = tokio::time::timeout(GUARD, async {
+            tokio::join!(
+                b.submit(sig(), vec![tensor(1, 2, 0.0)], None),
+                b.submit(sig(), vec![tensor(2, 2, 5.0)], None),
+            )
+        })
+        .await
+        .expect("a partial batch was never flushed");
+        assert!(start.elapsed() >= timeout, "ran before the batch timeout");
+        assert_eq!(values(&one.unwrap())[1], vec![1.0]);
+        assert_eq!(values(&two.unwrap())[1], vec![11.0, 15.0]);
+        assert_eq!(fake.batch_sizes(), vec![3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_batch_does_not_wait_for_timeout() {
+        let fake = Arc::new(Fake::default());
+        let config = BatchConfig {
+            batch_timeout: Duration::from_secs(3600),
+            ..config(4)
+        };
+        let b = Batcher::new(fake.clone(), config);
+        let (one, two) = tokio::time::timeout(GUARD, async {
+            tokio::join!(
+                b.submit(sig(), vec![tensor(1, 2, 0.0)], None),
+                b.submit(sig(), vec![tensor(3, 2, 5.0)], None),
+            )
+        })
+        .await
+        .expect("a full batch waited for the timeout");
+        assert!(one.is_ok() && two.is_ok());
+        assert_eq!(fake.batch_sizes(), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn lone_request_runs_at_once_with_zero_timeout() {
+        let fake = Arc::new(Fake::default());
+        let b = Batcher::new(fake.clone(), config(8));
+        let out = tokio::time::timeout(GUARD, b.submit(sig(), vec![tensor(1, 3, 1.0)], None))
+            .await
+            .expect("a lone request waited");
+        assert_eq!(values(&out.unwrap()), vec![vec![2.0, 4.0, 6.0], vec![6.0]]);
+        assert_eq!(fake.batch_sizes(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn queue_full_is_rejected_at_once() {
+        let config = BatchConfig {
+            max_enqueued_batches: 2,
+            ..config(2)
+        };
+        let (fake, gate, b) = held(config).await;
+        assert_eq!(b.capacity(), 4);
+        let a = enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await;
+        let c = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
+        let d = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
+        let refused = b
+            .submit(sig(), vec![tensor(1, 2, 0.0)], None)
+            .now_or_never();
+        assert_eq!(
+            refused,
+            Some(Err(BatchError::QueueFull {
+                rows: 4,
+                capacity: 4
+            }))
+        );
+        gate.release();
+        for p in [a, c, d] {
+            assert!(finish(p).await.is_ok());
+        }
+        assert!(b.submit(sig(), vec![tensor(1, 2, 0.0)], None).await.is_ok());
+        assert_eq!(fake.batch_sizes(), vec![1, 2, 2, 1]);
+    }
+
+    #[tokio::test]
+    async fn too_large_is_rejected_at_once() {
+        let fake = Arc::new(Fake::default());
+        let b = Batcher::new(fake.clone(), config(4));
+        let refused = b
+            .submit(sig(), vec![tensor(5, 2, 0.0)], None)
+            .now_or_never();
+        assert_eq!(refused, Some(Err(BatchError::TooLarge { rows: 5, max: 4 })));
+        assert!(fake.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn malformed_inputs_are_refused_not_run() {
+        let fake = Arc::new(Fake::default());
+        let b = Batcher::new(fake.clone(), config(4));
+        let two = signature("forward", &["x", "y"]);
+        let cases = [
+            (
+                two.clone(),
+                vec![tensor(2, 2, 0.0), tensor(3, 2, 0.0)],
+                "input 'y' has 3 rows but input 'x' has 2",
+            ),
+            (
+                two,
+                vec![tensor(2, 2, 0.0)],
+                "the request has 1 inputs; the signature has 2",
+            ),
+            (
+                sig(),
+                vec![HostTensor::from_f32(vec![], &[1.0])],
+                "input 'x' is a scalar",
+            ),
+            (
+                sig(),
+                vec![HostTensor::from_f32(vec![2, 2], &[1.0])],
+                "input 'x' has 4 bytes",
+            ),
+        ];
+        for (signature, inputs, needle) in cases {
+            match b.submit(signature, inputs, None).now_or_never() {
+                Some(Err(BatchError::Model(msg))) => assert!(msg.contains(needle), "{msg}"),
+                other => panic!("expected a refusal containing {needle:?}, got {other:?}"),
+            }
+        }
+        assert!(fake.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pads_to_next_allowed_size_and_drops_padding() {
+        let fake = Arc::new(Fake::default());
+        let config = BatchConfig {
+            allowed_batch_sizes: vec![2, 4, 8],
+            ..config(8)
+        };
+        let b = Batcher::new(fake.clone(), config);
+        let out = b
+            .submit(sig(), vec![tensor(3, 2, 1.0)], None)
+            .await
+            .unwrap();
+        assert_eq!(out[0].shape, vec![3, 2]);
+        assert_eq!(
+            values(&out),
+            vec![vec![2.0, 4.0, 6.0, 8.0, 10.0, 12.0], vec![3.0, 7.0, 11.0]]
+        );
+        let seen = fake.seen();
+        assert_eq!(seen[0].rows, 4);
+        assert_eq!(seen[0].values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0]);
+        assert_eq!(b.stats().padding_rows, 1);
+    }
+
+    #[tokio::test]
+    async fn expired_request_is_answered_and_not_run() {
+        let (fake, gate, b) = held(config(8)).await;
+        let late = b
+            .submit(sig(), vec![tensor(1, 2, 0.0)], Some(Instant::now()))
+            .now_or_never();
+        assert_eq!(late, Some(Err(BatchError::DeadlineExceeded)));
+
+        let deadline = Instant::now() + Duration::from_millis(30);
+        let doomed = enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], Some(deadline)).await;
+        let fine = enqueue(&b, sig(), vec![tensor(1, 2, 7.0)], None).await;
+        tokio::time::sleep_until((deadline + Duration::from_millis(1)).into()).await;
+        gate.release();
+        assert_eq!(finish(doomed).await, Err(BatchError::DeadlineExceeded));
+        assert!(finish(fine).await.is_ok());
+        assert_eq!(fake.batch_sizes(), vec![1, 1]);
+        assert_eq!(b.stats().expired, 1);
+    }
+
+    #[tokio::test]
+    async fn dropped_submit_is_not_run() {
+        let (fake, gate, b) = held(config(8)).await;
+        // Polled once (so queued), then dropped like a cancelled gRPC call.
+        assert!(
+            b.submit(sig(), vec![tensor(2, 2, 0.0)], None)
+                .now_or_never()
+                .is_none()
+        );
+        assert_eq!(b.queued_rows(), 2);
+        let fine = enqueue(&b, sig(), vec![tensor(1, 2, 7.0)], None).await;
+        gate.release();
+        assert!(finish(fine).await.is_ok());
+        assert_eq!(fake.batch_sizes(), vec![1, 1]);
+        assert_eq!(b.queued_rows(), 0);
+        assert_eq!(b.stats().abandoned, 1);
+    }
+
+    #[tokio::test]
+    async fn panicking_model_answers_model_error_and_thread_survives() {
+        let b = Batcher::new(Arc::new(Fake::default()), config(8));
+        match b.submit(sig(), vec![tensor(1, 2, -1.0)], None).await {
+            Err(BatchError::Model(msg)) => assert!(msg.contains("panicked"), "{msg}"),
+            other => panic!("expected a model error, got {other:?}"),
+        }
+        let out = tokio::time::timeout(GUARD, b.submit(sig(), vec![tensor(1, 2, 1.0)], None));
+        assert!(out.await.expect("the batch thread died").is_ok());
+    }
+
+    #[tokio::test]
+    async fn model_errors_reach_every_item_of_the_batch() {
+        let (_fake, gate, b) = held(config(8)).await;
+        let a = enqueue(&b, sig(), vec![tensor(1, 2, 5.0)], None).await;
+        let bad = enqueue(
+            &b,
+            sig(),
+            vec![HostTensor::from_f32(vec![1, 2], &[-2.0, 0.0])],
+            None,
+        )
+        .await;
+        gate.release();
+        let refused = Err(BatchError::Model("the fake model refuses -2".to_string()));
+        assert_eq!(finish(a).await, refused);
+        assert_eq!(finish(bad).await, refused);
+        assert_eq!(b.stats().failed_batches, 1);
+    }
+
+    #[tokio::test]
+    async fn outputs_with_wrong_rows_are_an_error() {
+        let fake = Fake {
+            extra_output_rows: 1,
+            ..Fake::default()
+        };
+        let config = BatchConfig {
+            allowed_batch_sizes: vec![8],
+            ..config(8)
+        };
+        let b = Batcher::new(Arc::new(fake), config);
+        let err = b
+            .submit(sig(), vec![tensor(3, 2, 0.0)], None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            BatchError::Model("output 'doubled' has 9 rows for a batch of 8".to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn disabled_batching_runs_each_request_alone() {
+        let config = BatchConfig {
+            enabled: false,
+            ..config(2)
+        };
+        let (fake, gate, b) = held(config).await;
+        let a = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
+        let c = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
+        // Larger than max_batch_size: without batching there is no batch to overflow.
+        let big = enqueue(&b, sig(), vec![tensor(3, 2, 0.0)], None).await;
+        gate.release();
+        for p in [a, c, big] {
+            assert!(finish(p).await.is_ok());
+        }
+        assert_eq!(fake.batch_sizes(), vec![1, 1, 1, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_finishes_queued_rejects_new_and_is_idempotent() {
+        let (fake, gate, b) = held(config(8)).await;
+        let b = Arc::new(b);
+        let queued = enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await;
+        let closing = tokio::task::spawn_blocking({
+            let b = b.clone();
+            move || b.shutdown()
+        });
+        eventually("submit refused while shutting down", || {
+            b.submit(sig(), vec![tensor(1, 2, 0.0)], None)
+                .now_or_never()
+                == Some(Err(BatchError::ShuttingDown))
+        })
+        .await;
+        gate.release();
+        assert!(finish(queued).await.is_ok());
+        tokio::time::timeout(GUARD, closing)
+            .await
+            .expect("shutdown hung")
+            .unwrap();
+        b.shutdown();
+        assert_eq!(
+            Arc::strong_count(&fake),
+            1,
+            "batch threads still hold the model"
+        );
+    }
+
+    #[tokio::test]
+    async fn drop_stops_the_threads() {
+        let fake = Arc::new(Fake::default());
+        let b = Batcher::new(
+            fake.clone(),
+            BatchConfig {
+                num_batch_threads: 3,
+                ..config(8)
+            },
+        );
+        assert!(b.submit(sig(), vec![tensor(1, 2, 0.0)], None).await.is_ok());
+        drop(b);
+        eventually("threads exit", || Arc::strong_count(&fake) == 1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_requests_on_two_threads_get_their_own_rows() {
+        let fake = Arc::new(Fake::default());
+        let config = BatchConfig {
+            num_batch_threads: 2,
+            batch_timeout: Duration::from_millis(1),
+            max_enqueued_batches: 100,
+            ..config(8)
+        };
+        let b = Arc::new(Batcher::new(fake.clone(), config));
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let rows = 1 + i % 4;
+                    let input = tensor(rows, 3, (i * 100) as f32);
+                    let want = Fake::default()
+                        .run(&sig(), std::slice::from_ref(&input))
+                        .unwrap();
+                    let got = b.submit(sig(), vec![input], None).await.unwrap();
+                    assert_eq!(got, want, "request {i}");
+                    rows
+                })
+            })
+            .collect();
+        let mut rows = 0;
+        for task in tasks {
+            rows += tokio::time::timeout(GUARD, task).await.unwrap().unwrap();
+        }
+        assert_eq!(fake.batch_sizes().iter().sum::<usize>(), rows);
+        assert!(fake.batch_sizes().iter().all(|&n| n <= 8));
+        assert_eq!(b.stats().rows, rows as u64);
     }
 }

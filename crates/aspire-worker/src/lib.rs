@@ -12,8 +12,10 @@
 
 pub mod batcher;
 pub mod codec;
+pub mod config;
 pub mod error;
 pub mod model;
+pub mod server;
 pub mod service;
 pub mod tensor;
 pub mod version_manager;

@@ -1,1 +1,389 @@
-//! TODO
+//! TensorFlow Serving's gRPC API on top of the version manager: `PredictionService`
+//! (Predict, GetModelMetadata; Classify, Regress and MultiInference answer UNIMPLEMENTED)
+//! and `ModelService` (GetModelStatus).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aspire_core::signature::PREDICT_METHOD_NAME;
+use aspire_core::{ModelName, SignatureMap, TensorSpec, Version};
+use aspire_proto::serving::model_service_server::ModelService;
+use aspire_proto::serving::prediction_service_server::PredictionService;
+use aspire_proto::serving::{
+    self as pb, ClassificationRequest, ClassificationResponse, GetModelMetadataRequest,
+    GetModelMetadataResponse, GetModelStatusRequest, GetModelStatusResponse, ModelSpec,
+    ModelVersionStatus, MultiInferenceRequest, MultiInferenceResponse, PredictRequest,
+    PredictResponse, RegressionRequest, RegressionResponse, ReloadConfigRequest,
+    ReloadConfigResponse, SignatureDefMap, model_spec::VersionChoice,
+};
+use aspire_proto::tensorflow::{SignatureDef, TensorInfo, tensor_info};
+use aspire_proto::TensorShapeProto;
+use aspire_proto::tensorflow::tensor_shape_proto;
+use prost::Message;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::codec::{self, OutputEncoding};
+use crate::error::WorkerError;
+use crate::version_manager::{ModelEntry, VersionManager};
+
+/// The gRPC API of one worker (or of `aspire-server`).
+#[derive(Clone)]
+pub struct ServingApi {
+    manager: Arc<VersionManager>,
+    encoding: OutputEncoding,
+}
+
+impl ServingApi {
+    /// Serves what `manager` has loaded; outputs are encoded as `encoding` says.
+    pub fn new(manager: Arc<VersionManager>, encoding: OutputEncoding) -> Self {
+        Self { manager, encoding }
+    }
+
+    async fn do_predict(
+        &self,
+        req: PredictRequest,
+        deadline: Option<Instant>,
+    ) -> Result<PredictResponse, WorkerError> {
+        let spec = req
+            .model_spec
+            .ok_or_else(|| WorkerError::InvalidArgument("model_spec is missing".into()))?;
+        let lv = {
+            let table = self.manager.table();
+            let (name, entry) = table.model(&spec.name)?;
+            entry.pick(name, requested_version(&spec)?)?
+        };
+        let (sig_name, sig) = lv.signature(&spec.signature_name)?;
+
+        let mut inputs = req.inputs;
+        let mut tensors = Vec::with_capacity(sig.inputs.len());
+        for input in &sig.inputs {
+            let proto = inputs.remove(&input.name).ok_or_else(|| {
+                WorkerError::InvalidArgument(format!(
+                    "input '{}' is missing; signature '{sig_name}' expects inputs: {}",
+                    input.name,
+                    names(&sig.inputs)
+                ))
+            })?;
+            tensors.push(codec::decode_input(input, &proto).map_err(WorkerError::InvalidArgument)?);
+        }
+        if let Some(extra) = inputs.keys().next() {
+            return Err(WorkerError::InvalidArgument(format!(
+                "input '{extra}' is not in signature '{sig_name}'; it expects inputs: {}",
+                names(&sig.inputs)
+            )));
+        }
+        if let Some(first) = tensors.first() {
+            let rows = first.shape.first().copied();
+            if let Some(bad) = tensors.iter().zip(&sig.inputs).find(|(t, _)| t.shape.first().copied() != rows) {
+                return Err(WorkerError::InvalidArgument(format!(
+                    "input '{}' has {} rows but input '{}' has {}; all inputs need the same dimension 0",
+                    bad.1.name,
+                    bad.0.shape.first().copied().unwrap_or(0),
+                    sig.inputs[0].name,
+                    rows.unwrap_or(0)
+                )));
+            }
+        }
+        for name in &req.output_filter {
+            if sig.output(name).is_none() {
+                return Err(WorkerError::InvalidArgument(format!(
+                    "output_filter names '{name}', which signature '{sig_name}' does not have; its outputs: {}",
+                    names(&sig.outputs)
+                )));
+            }
+        }
+
+        let submit = lv.batcher.submit(sig.clone(), tensors, deadline.map(Instant::into_std));
+        let outputs = match deadline {
+            Some(d) => tokio::time::timeout_at(d, submit).await.map_err(|_| {
+                WorkerError::DeadlineExceeded("deadline exceeded before the model ran".into())
+            })??,
+            None => submit.await?,
+        };
+
+        let mut out = HashMap::with_capacity(outputs.len());
+        for (spec, tensor) in sig.outputs.iter().zip(outputs) {
+            if req.output_filter.is_empty() || req.output_filter.contains(&spec.name) {
+                out.insert(spec.name.clone(), codec::encode_output(&tensor, self.encoding));
+            }
+        }
+        Ok(PredictResponse {
+            model_spec: Some(answer_spec(&lv.model, lv.version, &sig_name)),
+            outputs: out,
+        })
+    }
+
+    fn do_metadata(&self, req: GetModelMetadataRequest) -> Result<GetModelMetadataResponse, WorkerError> {
+        let spec = req
+            .model_spec
+            .ok_or_else(|| WorkerError::InvalidArgument("model_spec is missing".into()))?;
+        if req.metadata_field.is_empty() {
+            return Err(WorkerError::InvalidArgument(
+                "metadata_field is empty; ask for \"signature_def\"".into(),
+            ));
+        }
+        if let Some(f) = req.metadata_field.iter().find(|f| *f != "signature_def") {
+            return Err(WorkerError::InvalidArgument(format!(
+                "metadata field '{f}' is not supported; the only one is \"signature_def\""
+            )));
+        }
+        let table = self.manager.table();
+        let (name, entry) = table.model(&spec.name)?;
+        let (version, signatures) = metadata_version(name, entry, requested_version(&spec)?)?;
+        let map = signature_def_map(&signatures);
+        let any = prost_types::Any {
+            type_url: aspire_proto::SIGNATURE_DEF_MAP_TYPE_URL.to_string(),
+            value: map.encode_to_vec(),
+        };
+        Ok(GetModelMetadataResponse {
+            model_spec: Some(answer_spec(name, version, "")),
+            metadata: HashMap::from([("signature_def".to_string(), any)]),
+        })
+    }
+
+    fn do_status(&self, req: GetModelStatusRequest) -> Result<GetModelStatusResponse, WorkerError> {
+        let spec = req
+            .model_spec
+            .ok_or_else(|| WorkerError::InvalidArgument("model_spec is missing".into()))?;
+        let table = self.manager.table();
+        let (name, entry) = table.model(&spec.name)?;
+        let wanted = requested_version(&spec)?;
+        let statuses: Vec<ModelVersionStatus> = entry
+            .statuses
+            .iter()
+            .rev()
+            .filter(|(v, _)| wanted.is_none_or(|w| w == **v))
+            .map(|(v, s)| ModelVersionStatus {
+                version: v.as_i64(),
+                state: s.state.tf_number(),
+                status: Some(pb::StatusProto {
+                    error_code: if s.error.is_some() { 2 } else { 0 },
+                    error_message: s.error.clone().unwrap_or_default(),
+                }),
+            })
+            .collect();
+        if statuses.is_empty() {
+            if let Some(v) = wanted {
+                return Err(WorkerError::VersionNotFound {
+                    model: name.clone(),
+                    what: format!("version {v} is not known here"),
+                    available: entry.loaded.keys().copied().collect(),
+                });
+            }
+        }
+        Ok(GetModelStatusResponse { model_version_status: statuses })
+    }
+}
+
+/// The version a `ModelSpec` asks for: `None` for the default one.
+fn requested_version(spec: &ModelSpec) -> Result<Option<Version>, WorkerError> {
+    match &spec.version_choice {
+        None => Ok(None),
+        Some(VersionChoice::Version(v)) => Version::from_i64(*v).map(Some).ok_or_else(|| {
+            WorkerError::InvalidArgument(format!(
+                "model_spec.version is {}; versions are positive integers",
+                v
+            ))
+        }),
+        Some(VersionChoice::VersionLabel(label)) => Err(WorkerError::InvalidArgument(format!(
+            "model_spec.version_label '{label}' is not supported yet; ask for a version number"
+        ))),
+    }
+}
+
+fn answer_spec(model: &ModelName, version: Version, signature: &str) -> ModelSpec {
+    ModelSpec {
+        name: model.to_string(),
+        version_choice: Some(VersionChoice::Version(version.as_i64())),
+        signature_name: signature.to_string(),
+    }
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The version whose signatures metadata describes: the one asked for, else the default
+/// served one, else the highest in storage (so metadata works before anything loads).
+fn metadata_version(
+    model: &ModelName,
+    entry: &ModelEntry,
+    wanted: Option<Version>,
+) -> Result<(Version, SignatureMap), WorkerError> {
+    let stored = entry.available.as_ref();
+    let version = wanted
+        .or_else(|| entry.default_version())
+        .or_else(|| stored.and_then(|a| a.versions.last()).map(|v| v.version));
+    let found = version.and_then(|v| {
+        entry
+            .loaded
+            .get(&v)
+            .map(|lv| lv.signatures.clone())
+            .or_else(|| stored.and_then(|a| a.get(v)).map(|a| a.signatures.clone()))
+            .map(|s| (v, s))
+    });
+    found.ok_or_else(|| WorkerError::VersionNotFound {
+        model: model.clone(),
+        what: match wanted {
+            Some(v) => format!("version {v} is not in storage"),
+            None => "no version is in storage yet".into(),
+        },
+        available: entry.loaded.keys().copied().collect(),
+    })
+}
+
+/// TensorFlow's `SignatureDefMap` for a version's signatures.
+pub fn signature_def_map(signatures: &SignatureMap) -> SignatureDefMap {
+    let info = |t: &TensorSpec| TensorInfo {
+        encoding: Some(tensor_info::Encoding::Name(t.name.clone())),
+        dtype: t.dtype.tf_number(),
+        tensor_shape: Some(match &t.shape {
+            Some(dims) => TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|d| tensor_shape_proto::Dim { size: *d, name: String::new() })
+                    .collect(),
+                unknown_rank: false,
+            },
+            None => TensorShapeProto { dim: vec![], unknown_rank: true },
+        }),
+    };
+    SignatureDefMap {
+        signature_def: signatures
+            .signatures
+            .iter()
+            .map(|(name, sig)| {
+                let def = SignatureDef {
+                    inputs: sig.inputs.iter().map(|t| (t.name.clone(), info(t))).collect(),
+                    outputs: sig.outputs.iter().map(|t| (t.name.clone(), info(t))).collect(),
+                    method_name: PREDICT_METHOD_NAME.to_string(),
+                    defaults: HashMap::new(),
+                };
+                (name.clone(), def)
+            })
+            .collect(),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header.
+pub fn request_deadline<T>(req: &Request<T>) -> Option<Instant> {
+    let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(raw).map(|d| Instant::now() + d)
+}
+
+/// Parses gRPC's `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
+    if raw.len() < 2 || raw.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = raw.split_at(raw.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+const TF_EXAMPLE_METHODS: &str = "Aspire serves TorchScript models through Predict only; \
+    Classify, Regress and MultiInference take tf.Example inputs for TensorFlow's \
+    classification and regression signatures, which TorchScript models do not have";
+
+#[tonic::async_trait]
+impl PredictionService for ServingApi {
+    async fn classify(
+        &self,
+        _: Request<ClassificationRequest>,
+    ) -> Result<Response<ClassificationResponse>, Status> {
+        Err(WorkerError::Unimplemented(TF_EXAMPLE_METHODS.into()).into())
+    }
+
+    async fn regress(
+        &self,
+        _: Request<RegressionRequest>,
+    ) -> Result<Response<RegressionResponse>, Status> {
+        Err(WorkerError::Unimplemented(TF_EXAMPLE_METHODS.into()).into())
+    }
+
+    async fn predict(&self, req: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
+        let deadline = request_deadline(&req);
+        let resp = self.do_predict(req.into_inner(), deadline).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn multi_inference(
+        &self,
+        _: Request<MultiInferenceRequest>,
+    ) -> Result<Response<MultiInferenceResponse>, Status> {
+        Err(WorkerError::Unimplemented(TF_EXAMPLE_METHODS.into()).into())
+    }
+
+    async fn get_model_metadata(
+        &self,
+        req: Request<GetModelMetadataRequest>,
+    ) -> Result<Response<GetModelMetadataResponse>, Status> {
+        Ok(Response::new(self.do_metadata(req.into_inner())?))
+    }
+}
+
+#[tonic::async_trait]
+impl ModelService for ServingApi {
+    async fn get_model_status(
+        &self,
+        req: Request<GetModelStatusRequest>,
+    ) -> Result<Response<GetModelStatusResponse>, Status> {
+        Ok(Response::new(self.do_status(req.into_inner())?))
+    }
+
+    async fn handle_reload_config_request(
+        &self,
+        _: Request<ReloadConfigRequest>,
+    ) -> Result<Response<ReloadConfigResponse>, Status> {
+        Err(WorkerError::Unimplemented(
+            "HandleReloadConfigRequest is not supported; edit the file given to \
+             --model_config_file (re-read every --model_config_file_poll_wait_seconds)"
+                .into(),
+        )
+        .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "m", "10x", "123456789m", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn signature_def_map_carries_names_dtypes_and_shapes() {
+        let sigs = SignatureMap::from_json(
+            br#"{"signatures": {"predict_images": {
+                "inputs": [{"name": "images", "dtype": "float32", "shape": [-1, 784]}],
+                "outputs": [{"name": "scores", "dtype": "float32", "shape": [-1, 10]}]}}}"#,
+        )
+        .unwrap();
+        let map = signature_def_map(&sigs);
+        let def = &map.signature_def["predict_images"];
+        let input = &def.inputs["images"];
+        assert_eq!(input.dtype, 1);
+        let dims: Vec<i64> = input.tensor_shape.as_ref().unwrap().dim.iter().map(|d| d.size).collect();
+        assert_eq!(dims, vec![-1, 784]);
+        assert_eq!(def.outputs["scores"].dtype, 1);
+        assert_eq!(def.method_name, "tensorflow/serving/predict");
+    }
+}

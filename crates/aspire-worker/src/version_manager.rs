@@ -1,1 +1,532 @@
-//! TODO
+//! The version manager: makes the loaded versions follow the registry.
+//!
+//! Desired versions are the pinned ones when the pin is valid, else the aspired ones.
+//! A desired version is fetched from storage into a local cache directory, loaded into
+//! LibTorch and warmed up, and only then becomes AVAILABLE. A version that is no longer
+//! desired is unloaded only once a desired version of the same model is AVAILABLE
+//! (availability-preserving, so serving never stops during a swap or a rollback), and only
+//! after the requests in flight on it finish. A failed load is reported in the version's
+//! status, the older versions keep serving, and the load is retried with backoff.
+//!
+//! One task (the actor) owns all mutable state; load and unload tasks report back to it
+//! over a channel. Request handlers read an immutable [`ServingTable`] snapshot through
+//! an `ArcSwap`, so the hot path takes no lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use aspire_core::records::{VersionState, VersionStatus};
+use aspire_core::{AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, Version, WorkerRecord};
+use aspire_registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::batcher::{BatchConfig, Batcher};
+use crate::error::WorkerError;
+use crate::model::{DeviceSpec, Servable, TorchModel};
+
+/// What the version manager needs to know.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// This worker's id in the registry.
+    pub worker_id: String,
+    /// The gRPC address others reach this worker at.
+    pub advertise_address: String,
+    /// Where models run.
+    pub device: DeviceSpec,
+    /// How each version's requests are batched.
+    pub batching: BatchConfig,
+    /// Batch sizes to warm each version up at before it is AVAILABLE.
+    pub warmup_batch_sizes: Vec<usize>,
+    /// Local directory versions are copied into before loading.
+    pub cache_dir: PathBuf,
+    /// Delay before the first retry of a failed load; doubles per failure.
+    pub load_retry_initial: Duration,
+    /// Longest delay between retries.
+    pub load_retry_max: Duration,
+}
+
+/// A version loaded into LibTorch with its batcher.
+pub struct LoadedVersion {
+    /// The model.
+    pub model: ModelName,
+    /// The version.
+    pub version: Version,
+    /// Its signatures, as published.
+    pub signatures: SignatureMap,
+    by_name: BTreeMap<String, Arc<Signature>>,
+    /// Its queue and batch threads.
+    pub batcher: Batcher,
+}
+
+impl LoadedVersion {
+    /// Wraps a loaded model; starts its batcher.
+    pub fn new(
+        model: ModelName,
+        version: Version,
+        signatures: SignatureMap,
+        servable: Arc<dyn Servable>,
+        batching: BatchConfig,
+    ) -> Self {
+        let by_name = signatures
+            .signatures
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::new(v.clone())))
+            .collect();
+        Self {
+            model,
+            version,
+            signatures,
+            by_name,
+            batcher: Batcher::new(servable, batching),
+        }
+    }
+
+    /// Resolves a request's signature name (empty: the default one).
+    pub fn signature(&self, requested: &str) -> Result<(String, Arc<Signature>), WorkerError> {
+        let (name, _) = self
+            .signatures
+            .resolve(requested)
+            .map_err(WorkerError::InvalidArgument)?;
+        let sig = self.by_name.get(name).cloned().ok_or_else(|| {
+            WorkerError::Internal(format!("signature '{name}' vanished"))
+        })?;
+        Ok((name.to_string(), sig))
+    }
+}
+
+/// What one model looks like to request handlers.
+#[derive(Default, Clone)]
+pub struct ModelEntry {
+    /// AVAILABLE versions.
+    pub loaded: BTreeMap<Version, Arc<LoadedVersion>>,
+    /// The desired versions (pinned, else aspired).
+    pub desired: Vec<Version>,
+    /// Every version's status on this worker.
+    pub statuses: BTreeMap<Version, VersionStatus>,
+    /// The versions in storage, with their signatures (for metadata).
+    pub available: Option<AvailableVersions>,
+}
+
+impl ModelEntry {
+    /// The version a request without one goes to: the highest desired version that is
+    /// AVAILABLE, else the highest AVAILABLE one (so serving continues while a new or
+    /// rolled-back version loads).
+    pub fn default_version(&self) -> Option<Version> {
+        self.desired
+            .iter()
+            .rev()
+            .find(|v| self.loaded.contains_key(v))
+            .copied()
+            .or_else(|| self.loaded.keys().next_back().copied())
+    }
+
+    /// The loaded version a request goes to.
+    pub fn pick(
+        &self,
+        model: &ModelName,
+        requested: Option<Version>,
+    ) -> Result<Arc<LoadedVersion>, WorkerError> {
+        let not_found = |what: String| WorkerError::VersionNotFound {
+            model: model.clone(),
+            what,
+            available: self.loaded.keys().copied().collect(),
+        };
+        match requested {
+            Some(v) => self.loaded.get(&v).cloned().ok_or_else(|| {
+                not_found(match self.statuses.get(&v) {
+                    Some(s) => format!("version {v} is {}", s.state),
+                    None => format!("version {v} is not loaded"),
+                })
+            }),
+            None => self
+                .default_version()
+                .and_then(|v| self.loaded.get(&v).cloned())
+                .ok_or_else(|| not_found("no version is loaded yet".to_string())),
+        }
+    }
+}
+
+/// The immutable snapshot request handlers read.
+#[derive(Default, Clone)]
+pub struct ServingTable {
+    /// Models by name.
+    pub models: HashMap<ModelName, ModelEntry>,
+}
+
+impl ServingTable {
+    /// The entry of `model` by name; NOT_FOUND naming the models served when unknown.
+    pub fn model(&self, name: &str) -> Result<(&ModelName, &ModelEntry), WorkerError> {
+        ModelName::new(name)
+            .ok()
+            .and_then(|n| self.models.get_key_value(&n))
+            .ok_or_else(|| {
+                let mut served: Vec<String> =
+                    self.models.keys().map(ToString::to_string).collect();
+                served.sort_unstable();
+                WorkerError::ModelNotFound { model: name.to_string(), served }
+            })
+    }
+}
+
+/// Handle to the running version manager.
+pub struct VersionManager {
+    table: ArcSwap<ServingTable>,
+    ready: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+}
+
+impl VersionManager {
+    /// Starts the manager's actor on the current tokio runtime. It runs until
+    /// [`Self::shutdown`]; the returned handle ends when it has unloaded everything and
+    /// deregistered.
+    pub fn start(
+        config: ManagerConfig,
+        device_name: String,
+        registry: Arc<dyn Registry>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (ready, _) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+        let manager = Arc::new(Self {
+            table: ArcSwap::from_pointee(ServingTable::default()),
+            ready,
+            stop,
+        });
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let actor = Actor {
+            cluster_rx: registry.subscribe(),
+            registry,
+            config: Arc::new(config),
+            device_name,
+            manager: manager.clone(),
+            slots: BTreeMap::new(),
+            cluster: Arc::new(ClusterState::default()),
+            events_tx,
+            published: None,
+        };
+        let handle = tokio::spawn(actor.run(events_rx, stop_rx));
+        (manager, handle)
+    }
+
+    /// The current snapshot.
+    pub fn table(&self) -> arc_swap::Guard<Arc<ServingTable>> {
+        self.table.load()
+    }
+
+    /// True once every model with desired versions has one AVAILABLE.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Asks the actor to deregister, drain and unload everything.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+type Key = (ModelName, Version);
+
+enum Slot {
+    Loading { attempts: u32 },
+    Ready(Arc<LoadedVersion>),
+    Unloading,
+    Failed { error: String, attempts: u32, retry_at: Instant },
+    Ended,
+}
+
+enum Event {
+    Loaded(Key, Result<Arc<LoadedVersion>, String>),
+    Unloaded(Key),
+}
+
+struct Actor {
+    registry: Arc<dyn Registry>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+    config: Arc<ManagerConfig>,
+    device_name: String,
+    manager: Arc<VersionManager>,
+    slots: BTreeMap<Key, Slot>,
+    cluster: Arc<ClusterState>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    published: Option<WorkerRecord>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        self.cluster = self.cluster_rx.borrow_and_update().clone();
+        loop {
+            self.reconcile();
+            self.publish_table();
+            self.publish_record().await;
+            // Wake for the earliest retry; a 1 s tick also retries a failed record write.
+            let wake = self.next_retry().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                changed = self.cluster_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.cluster = self.cluster_rx.borrow_and_update().clone();
+                }
+                Some(ev) = events.recv() => self.on_event(ev),
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        self.drain(events).await;
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Failed { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Loaded(key, Ok(lv)) => {
+                tracing::info!(model = %key.0, version = %key.1, "version AVAILABLE");
+                self.slots.insert(key, Slot::Ready(lv));
+            }
+            Event::Loaded(key, Err(error)) => {
+                let attempts = match self.slots.get(&key) {
+                    Some(Slot::Loading { attempts }) => attempts + 1,
+                    _ => 1,
+                };
+                let backoff = self
+                    .config
+                    .load_retry_initial
+                    .saturating_mul(1 << (attempts - 1).min(16))
+                    .min(self.config.load_retry_max);
+                tracing::error!(model = %key.0, version = %key.1, attempts, retry_in = ?backoff, "load failed: {error}");
+                self.slots.insert(
+                    key,
+                    Slot::Failed { error, attempts, retry_at: Instant::now() + backoff },
+                );
+            }
+            Event::Unloaded(key) => {
+                tracing::info!(model = %key.0, version = %key.1, "version unloaded");
+                self.slots.insert(key, Slot::Ended);
+            }
+        }
+    }
+
+    /// Starts the loads and unloads that bring the slots towards the desired versions.
+    fn reconcile(&mut self) {
+        let now = Instant::now();
+        let mut models: BTreeSet<ModelName> = self.cluster.models.keys().cloned().collect();
+        models.extend(self.slots.keys().map(|(m, _)| m.clone()));
+        let cluster = self.cluster.clone();
+        for model in models {
+            let desired = cluster.desired(&model).versions;
+            let available = cluster.models.get(&model).and_then(|m| m.available.as_ref());
+            for v in &desired {
+                let key = (model.clone(), *v);
+                let attempts = match self.slots.get(&key) {
+                    None | Some(Slot::Ended) => 0,
+                    Some(Slot::Failed { attempts, retry_at, .. }) if *retry_at <= now => *attempts,
+                    Some(_) => continue,
+                };
+                if let Some(entry) = available.and_then(|a| a.get(*v)) {
+                    self.start_load(key, entry.path.clone(), entry.signatures.clone(), attempts);
+                }
+            }
+            let desired_ready = desired.iter().any(|v| {
+                matches!(self.slots.get(&(model.clone(), *v)), Some(Slot::Ready(_)))
+            });
+            if !desired_ready && !desired.is_empty() {
+                continue;
+            }
+            let to_unload: Vec<Key> = self
+                .slots
+                .iter()
+                .filter(|((m, v), s)| m == &model && !desired.contains(v) && matches!(s, Slot::Ready(_)))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in to_unload {
+                self.start_unload(key);
+            }
+            // Failed versions no longer desired stop retrying.
+            for ((m, v), slot) in self.slots.iter_mut() {
+                if m == &model && !desired.contains(v) && matches!(slot, Slot::Failed { .. }) {
+                    if let Slot::Failed { error, attempts, .. } = slot {
+                        let error = std::mem::take(error);
+                        let attempts = *attempts;
+                        *slot = Slot::Failed { error, attempts, retry_at: far_future() };
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_load(&mut self, key: Key, path: String, signatures: SignatureMap, attempts: u32) {
+        tracing::info!(model = %key.0, version = %key.1, %path, "loading version");
+        self.slots.insert(key.clone(), Slot::Loading { attempts });
+        let config = self.config.clone();
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = load_version(&config, &key, &path, signatures).await;
+            let _ = tx.send(Event::Loaded(key, result));
+        });
+    }
+
+    fn start_unload(&mut self, key: Key) {
+        let lv = match self.slots.get(&key) {
+            Some(Slot::Ready(lv)) => lv.clone(),
+            _ => return,
+        };
+        self.slots.insert(key.clone(), Slot::Unloading);
+        tracing::info!(model = %key.0, version = %key.1, "unloading version");
+        let tx = self.events_tx.clone();
+        let cache = version_cache_dir(&self.config, &key);
+        tokio::spawn(async move {
+            unload_version(lv).await;
+            let _ = tokio::fs::remove_dir_all(cache).await;
+            let _ = tx.send(Event::Unloaded(key));
+        });
+    }
+
+    fn statuses(&self) -> BTreeMap<ModelName, BTreeMap<Version, VersionStatus>> {
+        let mut out: BTreeMap<ModelName, BTreeMap<Version, VersionStatus>> = BTreeMap::new();
+        for ((m, v), slot) in &self.slots {
+            let (state, error) = match slot {
+                Slot::Loading { .. } => (VersionState::Loading, None),
+                Slot::Ready(_) => (VersionState::Available, None),
+                Slot::Unloading => (VersionState::Unloading, None),
+                Slot::Failed { error, .. } => (VersionState::End, Some(error.clone())),
+                Slot::Ended => (VersionState::End, None),
+            };
+            out.entry(m.clone()).or_default().insert(*v, VersionStatus { state, error });
+        }
+        out
+    }
+
+    fn publish_table(&self) {
+        let mut statuses = self.statuses();
+        let mut table = ServingTable::default();
+        let mut ready = true;
+        let mut names: BTreeSet<ModelName> = self.cluster.models.keys().cloned().collect();
+        names.extend(statuses.keys().cloned());
+        for model in names {
+            let desired = self.cluster.desired(&model).versions;
+            let loaded: BTreeMap<Version, Arc<LoadedVersion>> = self
+                .slots
+                .iter()
+                .filter_map(|((m, v), s)| match s {
+                    Slot::Ready(lv) if m == &model => Some((*v, lv.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !desired.is_empty() && loaded.is_empty() {
+                ready = false;
+            }
+            let entry = ModelEntry {
+                loaded,
+                desired,
+                statuses: statuses.remove(&model).unwrap_or_default(),
+                available: self.cluster.models.get(&model).and_then(|m| m.available.clone()),
+            };
+            table.models.insert(model, entry);
+        }
+        self.manager.table.store(Arc::new(table));
+        self.manager.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    async fn publish_record(&mut self) {
+        let record = WorkerRecord {
+            address: self.config.advertise_address.clone(),
+            device: self.device_name.clone(),
+            models: self.statuses(),
+        };
+        if self.published.as_ref() == Some(&record) {
+            return;
+        }
+        match self.registry.put_worker(&self.config.worker_id, &record).await {
+            Ok(()) => self.published = Some(record),
+            // Kept unpublished: the next turn of the loop (at most 1 s) tries again.
+            Err(e) => tracing::warn!("could not publish this worker's record: {e}"),
+        }
+    }
+
+    /// Deregisters first (so routers stop sending), then lets in-flight requests finish
+    /// and unloads everything.
+    async fn drain(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        if let Err(e) = self.registry.remove_worker(&self.config.worker_id).await {
+            tracing::warn!("could not deregister: {e}");
+        }
+        let keys: Vec<Key> = self.slots.keys().cloned().collect();
+        for key in keys {
+            self.start_unload(key);
+        }
+        self.publish_table();
+        while self
+            .slots
+            .values()
+            .any(|s| matches!(s, Slot::Unloading | Slot::Loading { .. }))
+        {
+            match events.recv().await {
+                Some(Event::Loaded(key, Ok(lv))) => {
+                    self.slots.insert(key.clone(), Slot::Ready(lv));
+                    self.start_unload(key);
+                }
+                Some(ev) => self.on_event(ev),
+                None => break,
+            }
+        }
+        self.publish_table();
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+fn version_cache_dir(config: &ManagerConfig, key: &Key) -> PathBuf {
+    config.cache_dir.join(key.0.as_str()).join(key.1.to_string())
+}
+
+async fn load_version(
+    config: &Arc<ManagerConfig>,
+    key: &Key,
+    path: &str,
+    signatures: SignatureMap,
+) -> Result<Arc<LoadedVersion>, String> {
+    let dir = version_cache_dir(config, key);
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    aspire_discovery::storage::fetch_version(path, &dir)
+        .await
+        .map_err(|e| format!("fetching {path}: {e}"))?;
+    let config = config.clone();
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || {
+        let model = TorchModel::load(&dir, config.device, &signatures, &config.warmup_batch_sizes)?;
+        Ok(Arc::new(LoadedVersion::new(
+            key.0,
+            key.1,
+            signatures,
+            model,
+            config.batching.clone(),
+        )))
+    })
+    .await
+    .map_err(|e| format!("load task failed: {e}"))?
+}
+
+/// Waits for requests in flight on `lv` to finish (they hold clones of the `Arc`), then
+/// stops its batcher.
+async fn unload_version(lv: Arc<LoadedVersion>) {
+    while Arc::strong_count(&lv) > 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = tokio::task::spawn_blocking(move || lv.batcher.shutdown()).await;
+}

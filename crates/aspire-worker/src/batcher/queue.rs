@@ -1,0 +1,337 @@
+//! The bounded queue shared by a version's callers and batch threads, and the rule that
+//! picks which queued requests form the next batch.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use aspire_core::Signature;
+use tokio::sync::oneshot;
+
+use super::{BatchConfig, BatchError, BatchStats};
+use crate::tensor::HostTensor;
+
+/// What a caller gets back.
+pub(super) type Reply = Result<Vec<HostTensor>, BatchError>;
+
+/// One queued request.
+pub(super) struct Item {
+    pub signature: Arc<Signature>,
+    pub inputs: Vec<HostTensor>,
+    pub rows: usize,
+    pub deadline: Option<Instant>,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+impl Item {
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+
+    /// The submit future was dropped (e.g. the client cancelled), so nobody would read
+    /// the outputs.
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn dead(&self, now: Instant) -> bool {
+        self.expired(now) || self.abandoned()
+    }
+
+    /// Whether `other` may share a forward pass with `self`: same signature, and every
+    /// input of the same dtype and the same dimensions past the first.
+    fn batches_with(&self, other: &Item) -> bool {
+        (Arc::ptr_eq(&self.signature, &other.signature) || self.signature == other.signature)
+            && self.inputs.len() == other.inputs.len()
+            && self.inputs.iter().zip(&other.inputs).all(|(a, b)| {
+                a.dtype == b.dtype && a.shape.len() == b.shape.len() && a.shape[1..] == b.shape[1..]
+            })
+    }
+}
+
+/// A batch thread's buffers, reused from batch to batch so that gathering allocates
+/// nothing per request.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The items of the next forward pass, oldest first.
+    pub batch: Vec<Item>,
+    /// Items whose deadline passed; they are answered once the lock is released.
+    pub expired: Vec<Item>,
+    /// Items nobody waits for; dropped once the lock is released.
+    pub abandoned: Vec<Item>,
+    /// Items skipped while gathering, to be put back in their places.
+    kept: Vec<Item>,
+}
+
+/// Counters behind [`BatchStats`].
+#[derive(Default)]
+pub(super) struct Counters {
+    pub batches: AtomicU64,
+    pub requests: AtomicU64,
+    pub rows: AtomicU64,
+    pub padding_rows: AtomicU64,
+    pub failed_batches: AtomicU64,
+    pub expired: AtomicU64,
+    pub abandoned: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> BatchStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BatchStats {
+            batches: get(&self.batches),
+            requests: get(&self.requests),
+            rows: get(&self.rows),
+            padding_rows: get(&self.padding_rows),
+            failed_batches: get(&self.failed_batches),
+            expired: get(&self.expired),
+            abandoned: get(&self.abandoned),
+        }
+    }
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    /// Rows of every item in `queue`.
+    rows: usize,
+    /// No new items; batch threads drain the queue and exit.
+    closed: bool,
+}
+
+/// The queue, its wake-up signal, and what the batch threads need to know.
+pub(super) struct Shared {
+    /// Normalised: every count is at least 1.
+    pub config: BatchConfig,
+    /// Most rows queued at once.
+    pub capacity: usize,
+    pub stats: Counters,
+    state: Mutex<State>,
+    /// Signalled when an item arrives, when a thread leaves work behind, and on close.
+    wake: Condvar,
+}
+
+/// The batch the oldest item would start if it ran now.
+struct Plan {
+    /// Items `0..end` of the queue hold the batch (and maybe skipped items between).
+    end: usize,
+    /// No more rows could join: `max_batch_size` reached or the next compatible item
+    /// does not fit.
+    full: bool,
+}
+
+impl Shared {
+    pub fn new(config: BatchConfig) -> Self {
+        let capacity = config
+            .max_enqueued_batches
+            .saturating_mul(config.max_batch_size);
+        Self {
+            state: Mutex::new(State {
+                queue: VecDeque::with_capacity(capacity.min(1024)),
+                rows: 0,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            stats: Counters::default(),
+            capacity,
+            config,
+        }
+    }
+
+    // A panic is never raised with the lock held, but if one were, the queue is still
+    // consistent item by item, so serving on beats wedging every caller.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `item`, or says why not. An item larger than the capacity (possible only
+    /// with batching disabled) is taken when the queue is empty, so it is not refused
+    /// forever.
+    pub fn push(&self, item: Item) -> Result<(), BatchError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(BatchError::ShuttingDown);
+        }
+        if state.rows + item.rows > self.capacity && !state.queue.is_empty() {
+            return Err(BatchError::QueueFull {
+                rows: state.rows,
+                capacity: self.capacity,
+            });
+        }
+        state.rows += item.rows;
+        state.queue.push_back(item);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn queued_rows(&self) -> usize {
+        self.lock().rows
+    }
+
+    /// Refuses new items from now on. With `discard`, also empties the queue and returns
+    /// what was in it; without, the batch threads run what is queued before exiting.
+    pub fn close(&self, discard: bool) -> Vec<Item> {
+        let mut state = self.lock();
+        state.closed = true;
+        let discarded = if discard {
+            state.rows = 0;
+            state.queue.drain(..).collect()
+        } else {
+            Vec::new()
+        };
+        drop(state);
+        self.wake.notify_all();
+        discarded
+    }
+
+    /// Blocks until a batch is due and moves it into `s.batch` (dead items met on the way
+    /// go to `s.expired` and `s.abandoned`). Returns false once the queue is closed and
+    /// empty: the thread should exit after handling `s`.
+    pub fn next_batch(&self, s: &mut Scratch) -> bool {
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            state.purge_front(now, s);
+            let Some(head) = state.queue.front() else {
+                if state.closed {
+                    return false;
+                }
+                state = self
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            let timeout = self.config.batch_timeout;
+            let plan = state.plan(&self.config, now);
+            // `None` when the timeout is too large to add: only a full batch runs it.
+            let flush_at = head.enqueued.checked_add(timeout);
+            let due = plan.full
+                || state.closed
+                || timeout.is_zero()
+                || flush_at.is_some_and(|t| t <= now);
+            if due {
+                state.take(plan.end, self.config.max_batch_size, now, s);
+                break;
+            }
+            // Also wake for the head's deadline, so it is answered on time.
+            let wake_at = match (flush_at, head.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            state = match wake_at {
+                Some(t) => {
+                    let wait = t
+                        .saturating_duration_since(now)
+                        .max(Duration::from_micros(1));
+                    self.wake
+                        .wait_timeout(state, wait)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+        // This thread takes only one batch; let another one look at what is left.
+        if !state.queue.is_empty() {
+            self.wake.notify_one();
+        }
+        true
+    }
+}
+
+impl State {
+    fn remove_rows(&mut self, item: &Item) {
+        self.rows -= item.rows;
+    }
+
+    fn purge_front(&mut self, now: Instant, s: &mut Scratch) {
+        while let Some(item) = self.queue.front() {
+            if !item.dead(now) {
+                break;
+            }
+            if let Some(item) = self.queue.pop_front() {
+                self.remove_rows(&item);
+                discard(item, now, s);
+            }
+        }
+    }
+
+    /// Reads which items the oldest (live) item would batch with, without moving any.
+    fn plan(&self, config: &BatchConfig, now: Instant) -> Plan {
+        let max = config.max_batch_size;
+        let head = &self.queue[0];
+        let mut plan = Plan {
+            end: 1,
+            full: !config.enabled || head.rows >= max,
+        };
+        let mut rows = head.rows;
+        if plan.full {
+            return plan;
+        }
+        for (i, item) in self.queue.iter().enumerate().skip(1) {
+            if item.dead(now) || !head.batches_with(item) {
+                continue;
+            }
+            // Stop at the first compatible item that does not fit rather than let
+            // smaller later ones overtake it: big requests must not starve.
+            if rows + item.rows > max {
+                plan.full = true;
+                break;
+            }
+            rows += item.rows;
+            plan.end = i + 1;
+            if rows == max {
+                plan.full = true;
+                break;
+            }
+        }
+        plan
+    }
+
+    /// Moves the batch out of `queue[..end]`, putting skipped items back in order. It
+    /// re-applies `plan`'s rule because a caller may have gone away since.
+    fn take(&mut self, end: usize, max: usize, now: Instant, s: &mut Scratch) {
+        let mut rows = 0;
+        let mut stopped = false;
+        for _ in 0..end {
+            let Some(item) = self.queue.pop_front() else {
+                break;
+            };
+            if item.dead(now) {
+                self.remove_rows(&item);
+                discard(item, now, s);
+                continue;
+            }
+            let compatible = s.batch.first().is_none_or(|head| head.batches_with(&item));
+            if compatible && !stopped && (s.batch.is_empty() || rows + item.rows <= max) {
+                rows += item.rows;
+                self.remove_rows(&item);
+                s.batch.push(item);
+            } else {
+                stopped |= compatible;
+                s.kept.push(item);
+            }
+        }
+        while let Some(item) = s.kept.pop() {
+            self.queue.push_front(item);
+        }
+    }
+}
+
+fn discard(item: Item, now: Instant, s: &mut Scratch) {
+    if item.expired(now) {
+        s.expired.push(item);
+    } else {
+        s.abandoned.push(item);
+    }
+}

@@ -1,0 +1,226 @@
+//! Flags shared by every process that runs a worker (`aspire-server`, `aspire-worker`):
+//! batching, device and LibTorch threads, in TensorFlow Serving's spellings where it has
+//! them. Each is accepted in snake_case and kebab-case and falls back to an environment
+//! variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args};
+
+use crate::batcher::BatchConfig;
+use crate::model::DeviceSpec;
+
+/// Batching flags. A flag given on the command line overrides the same knob in
+/// `--batching_parameters_file`, which overrides the default.
+#[derive(Debug, Clone, Args)]
+pub struct BatchingArgs {
+    /// Batch concurrent requests of one model version into one forward pass.
+    #[arg(long = "enable_batching", visible_alias = "enable-batching", env = "ASPIRE_ENABLE_BATCHING",
+          num_args = 0..=1, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub enable_batching: bool,
+    /// TensorFlow Serving's text-format BatchingParameters file.
+    #[arg(long = "batching_parameters_file", visible_alias = "batching-parameters-file", env = "ASPIRE_BATCHING_PARAMETERS_FILE")]
+    pub batching_parameters_file: Option<PathBuf>,
+    /// Most rows in one forward pass [default: 32, or the last allowed batch size].
+    #[arg(long = "max-batch-size", visible_alias = "max_batch_size", env = "ASPIRE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// How long a partial batch waits for more requests, in µs [default: 0: run at once].
+    #[arg(long = "batch-timeout-micros", visible_alias = "batch_timeout_micros", env = "ASPIRE_BATCH_TIMEOUT_MICROS")]
+    pub batch_timeout_micros: Option<u64>,
+    /// Queue capacity per version, in batches [default: 100].
+    #[arg(long = "max-enqueued-batches", visible_alias = "max_enqueued_batches", env = "ASPIRE_MAX_ENQUEUED_BATCHES")]
+    pub max_enqueued_batches: Option<usize>,
+    /// Threads running forward passes per version [default: the CPUs this process may use].
+    #[arg(long = "num-batch-threads", visible_alias = "num_batch_threads", env = "ASPIRE_NUM_BATCH_THREADS")]
+    pub num_batch_threads: Option<usize>,
+    /// Batch sizes to pad batches to, ascending, comma-separated; the last is the maximum.
+    #[arg(long = "allowed-batch-sizes", visible_alias = "allowed_batch_sizes", env = "ASPIRE_ALLOWED_BATCH_SIZES", value_delimiter = ',')]
+    pub allowed_batch_sizes: Option<Vec<usize>>,
+}
+
+/// Largest request accepted when batching is off: requests then run alone, so the only
+/// limit is memory; this bounds a single request's rows.
+const UNBATCHED_MAX_ROWS: usize = 1 << 20;
+
+impl BatchingArgs {
+    /// The batch configuration these flags (and the parameters file) describe. Errors
+    /// name the flag or file field.
+    pub fn resolve(&self) -> Result<BatchConfig, String> {
+        let mut file = aspire_proto::serving::BatchingParameters::default();
+        if let Some(path) = &self.batching_parameters_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--batching_parameters_file {}: {e}", path.display()))?;
+            file = aspire_proto::parse_text_format("tensorflow.serving.BatchingParameters", &text)
+                .map_err(|e| format!("--batching_parameters_file {}: {e}", path.display()))?;
+            if file.pad_variable_length_inputs {
+                tracing::warn!("pad_variable_length_inputs is not supported: only requests whose dimensions past the first match share a batch");
+            }
+        }
+        let positive = |name: &str, v: Option<i64>| -> Result<Option<usize>, String> {
+            v.map(|v| usize::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| format!("{name} must be positive, got {v}")))
+                .transpose()
+        };
+        let allowed: Vec<usize> = match &self.allowed_batch_sizes {
+            Some(list) => list.clone(),
+            None => file
+                .allowed_batch_sizes
+                .iter()
+                .map(|v| positive("allowed_batch_sizes", Some(*v)).map(|v| v.unwrap_or(0)))
+                .collect::<Result<_, _>>()?,
+        };
+        if allowed.iter().any(|v| *v == 0) || allowed.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("allowed batch sizes {allowed:?} must be positive and strictly ascending"));
+        }
+        let max = self
+            .max_batch_size
+            .or(positive("max_batch_size", file.max_batch_size)?)
+            .or(allowed.last().copied())
+            .unwrap_or(32);
+        if max == 0 {
+            return Err("--max-batch-size must be positive".into());
+        }
+        if let Some(last) = allowed.last() {
+            if *last != max {
+                return Err(format!(
+                    "the last allowed batch size ({last}) must equal the max batch size ({max})"
+                ));
+            }
+        }
+        let timeout_us = match self.batch_timeout_micros {
+            Some(v) => v,
+            None => u64::try_from(file.batch_timeout_micros.unwrap_or(0))
+                .map_err(|_| "batch_timeout_micros must not be negative".to_string())?,
+        };
+        let enqueued = self
+            .max_enqueued_batches
+            .or(positive("max_enqueued_batches", file.max_enqueued_batches)?)
+            .unwrap_or(100);
+        let threads = self
+            .num_batch_threads
+            .or(positive("num_batch_threads", file.num_batch_threads)?)
+            .unwrap_or_else(available_cpus);
+        if enqueued == 0 || threads == 0 {
+            return Err("--max-enqueued-batches and --num-batch-threads must be positive".into());
+        }
+        Ok(if self.enable_batching {
+            BatchConfig {
+                enabled: true,
+                max_batch_size: max,
+                batch_timeout: Duration::from_micros(timeout_us),
+                max_enqueued_batches: enqueued,
+                num_batch_threads: threads,
+                allowed_batch_sizes: allowed,
+            }
+        } else {
+            BatchConfig {
+                enabled: false,
+                max_batch_size: UNBATCHED_MAX_ROWS,
+                batch_timeout: Duration::ZERO,
+                // Counted in rows of UNBATCHED_MAX_ROWS: a queue of 1 such batch.
+                max_enqueued_batches: 1,
+                num_batch_threads: threads,
+                allowed_batch_sizes: Vec::new(),
+            }
+        })
+    }
+}
+
+/// The batch sizes a version is warmed up at before it is AVAILABLE: the allowed sizes,
+/// else powers of two up to the maximum and the maximum (TorchScript's executor
+/// re-optimizes for each new input shape, so the first requests at an unseen size are slow).
+pub fn warmup_batch_sizes(config: &BatchConfig) -> Vec<usize> {
+    if !config.enabled {
+        return vec![1];
+    }
+    if !config.allowed_batch_sizes.is_empty() {
+        return config.allowed_batch_sizes.clone();
+    }
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |s| s.checked_mul(2))
+        .take_while(|s| *s < config.max_batch_size)
+        .collect();
+    sizes.push(config.max_batch_size);
+    sizes
+}
+
+/// Device and LibTorch thread flags.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Where models run: auto (CUDA when LibTorch sees a GPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "ASPIRE_DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// LibTorch intra-op threads; 0 sizes them to the CPUs this process may use.
+    #[arg(long = "tensorflow_intra_op_parallelism", visible_alias = "tensorflow-intra-op-parallelism",
+          env = "ASPIRE_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
+    /// LibTorch inter-op threads; 0 sizes them to the CPUs this process may use.
+    #[arg(long = "tensorflow_inter_op_parallelism", visible_alias = "tensorflow-inter-op-parallelism",
+          env = "ASPIRE_INTER_OP_THREADS", default_value_t = 0)]
+    pub inter_op_threads: usize,
+}
+
+/// CPUs this process may use (honours affinity and cgroup quotas).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        batching: BatchingArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BatchConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.batching.resolve()
+    }
+
+    #[test]
+    fn flags_override_the_parameters_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("batching.txt");
+        std::fs::write(
+            &file,
+            "max_batch_size { value: 64 }\nbatch_timeout_micros { value: 500 }\nnum_batch_threads { value: 3 }\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = parse(&["--enable_batching", "--batching_parameters_file", f]).unwrap();
+        assert_eq!((c.max_batch_size, c.batch_timeout, c.num_batch_threads), (64, Duration::from_micros(500), 3));
+        let c = parse(&["--enable_batching=true", &format!("--batching_parameters_file={f}"), "--max-batch-size=8", "--batch_timeout_micros=0"]).unwrap();
+        assert_eq!((c.max_batch_size, c.batch_timeout), (8, Duration::ZERO));
+        let c = parse(&["--enable-batching=false"]).unwrap();
+        assert!(!c.enabled);
+    }
+
+    #[test]
+    fn allowed_sizes_must_end_at_the_max() {
+        let c = parse(&["--enable_batching", "--allowed-batch-sizes=2,4,8"]).unwrap();
+        assert_eq!((c.max_batch_size, c.allowed_batch_sizes.clone()), (8, vec![2, 4, 8]));
+        assert_eq!(warmup_batch_sizes(&c), vec![2, 4, 8]);
+        let err = parse(&["--enable_batching", "--allowed-batch-sizes=2,4", "--max-batch-size=8"]).unwrap_err();
+        assert!(err.contains("must equal"), "{err}");
+        assert!(parse(&["--enable_batching", "--allowed-batch-sizes=4,2"]).is_err());
+    }
+
+    #[test]
+    fn bad_file_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("b.txt");
+        std::fs::write(&file, "max_batch_sise { value: 3 }").unwrap();
+        let err = parse(&["--batching_parameters_file", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.contains("max_batch_sise") && err.contains("b.txt"), "{err}");
+    }
+
+    #[test]
+    fn warmup_spread() {
+        let c = parse(&["--enable_batching", "--max-batch-size=24"]).unwrap();
+        assert_eq!(warmup_batch_sizes(&c), vec![1, 2, 4, 8, 16, 24]);
+    }
+}
