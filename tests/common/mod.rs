@@ -1,1 +1,196 @@
-//! Shared helpers of the integration tests.
+//! Helpers shared by the integration tests: locating the built binaries, starting
+//! `aspire-server` as a real process on a free loopback port, waiting with `eventually`
+//! instead of sleeping, and talking TensorFlow Serving's gRPC API to it.
+
+#![allow(missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aspire_proto::serving::model_service_client::ModelServiceClient;
+use aspire_proto::serving::prediction_service_client::PredictionServiceClient;
+use aspire_proto::serving::{GetModelStatusRequest, ModelSpec, model_spec::VersionChoice};
+use tonic::transport::Channel;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A binary built by `cargo build --workspace --bins` in this test's profile.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some`, or panics after `limit` naming `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running `aspire-server` process; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `aspire-server` on 127.0.0.1 with a free port and `args`, and waits until
+    /// it listens.
+    pub fn start(args: &[&str]) -> Server {
+        let port = free_port();
+        let mut child = Command::new(bin("aspire-server"))
+            .arg("--host=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("ASPIRE_NUM_BATCH_THREADS", "2")
+            .env("ASPIRE_INTRA_OP_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn aspire-server");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("ASPIRE_TEST_ECHO").is_some() {
+                    eprintln!("[server] {line}");
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let addr = format!("127.0.0.1:{port}");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("aspire-server exited with {status}; log:\n{}", log.lock().expect("log").join("\n"));
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "aspire-server did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, addr, log }
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "aspire-server ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn predict_client(&self) -> PredictionServiceClient<Channel> {
+        PredictionServiceClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+    }
+
+    pub async fn model_client(&self) -> ModelServiceClient<Channel> {
+        ModelServiceClient::new(self.channel().await)
+    }
+
+    /// Waits until `version` of `model` is AVAILABLE (state 30).
+    pub async fn wait_available(&self, model: &str, version: i64, limit: Duration) {
+        let mut client = self.model_client().await;
+        let what = format!("{model} v{version} AVAILABLE; log:\n{}", self.log());
+        eventually(limit, &what, || {
+            let mut client = client.clone();
+            async move {
+                let resp = client
+                    .get_model_status(GetModelStatusRequest { model_spec: Some(spec(model, None)) })
+                    .await
+                    .ok()?;
+                resp.into_inner()
+                    .model_version_status
+                    .iter()
+                    .any(|s| s.version == version && s.state == 30)
+                    .then_some(())
+            }
+        })
+        .await;
+        let _ = &mut client;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback (bound and released; the server binds it right after).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A ModelSpec for `model`, optionally a version.
+pub fn spec(model: &str, version: Option<i64>) -> ModelSpec {
+    ModelSpec {
+        name: model.to_string(),
+        version_choice: version.map(VersionChoice::Version),
+        signature_name: String::new(),
+    }
+}
+
+/// Copies a directory tree (like `cp -r src dst`).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for entry in std::fs::read_dir(src).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let to = dst.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).expect("copy");
+        }
+    }
+}

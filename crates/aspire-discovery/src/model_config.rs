@@ -55,7 +55,8 @@ pub fn parse_model_config_file(text: &str) -> Result<Vec<ModelConfig>, String> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::with_capacity(list.config.len());
     for (i, raw) in list.config.into_iter().enumerate() {
-        let config = convert(raw).map_err(|e| format!("model config file, config #{}: {e}", i + 1))?;
+        let config =
+            convert(raw).map_err(|e| format!("model config file, config #{}: {e}", i + 1))?;
         if !seen.insert(config.name.clone()) {
             return Err(format!(
                 "model config file: model '{}' is configured twice; model names must be unique",
@@ -149,7 +150,10 @@ mod tests {
         assert_eq!(models[0].base_path, "/models/mnist");
         assert_eq!(models[1].policy, VersionPolicy::Latest(2));
         assert_eq!(models[1].base_path, "s3://bucket/resnet/");
-        assert_eq!(models[1].version_labels, BTreeMap::from([("stable".to_string(), v(3))]));
+        assert_eq!(
+            models[1].version_labels,
+            BTreeMap::from([("stable".to_string(), v(3))])
+        );
         assert_eq!(models[2].policy, VersionPolicy::All);
         assert_eq!(models[3].policy, VersionPolicy::Specific(vec![v(2), v(4)]));
     }
@@ -158,7 +162,10 @@ mod tests {
     fn latest_zero_means_one_and_empty_file_means_no_models() {
         let text = r#"model_config_list { config { name: "m" base_path: "/m"
                       model_version_policy { latest {} } } }"#;
-        assert_eq!(parse_model_config_file(text).unwrap()[0].policy, VersionPolicy::Latest(1));
+        assert_eq!(
+            parse_model_config_file(text).unwrap()[0].policy,
+            VersionPolicy::Latest(1)
+        );
         assert!(parse_model_config_file("").unwrap().is_empty());
     }
 
@@ -166,13 +173,22 @@ mod tests {
     fn mistakes_name_the_model_and_field() {
         let cases = [
             // A typo in a field name: the parser's message names it.
-            (r#"model_config_list { config { name: "m" base_pat: "/m" } }"#, "base_pat"),
+            (
+                r#"model_config_list { config { name: "m" base_pat: "/m" } }"#,
+                "base_pat",
+            ),
             (
                 r#"model_config_list { config { name: "m" base_path: "/m" model_version_policy { lates {} } } }"#,
                 "lates",
             ),
-            (r#"model_config_list { config { name: "m" } }"#, "model 'm': base_path is empty"),
-            (r#"model_config_list { config { name: "a/b" base_path: "/m" } }"#, "config #1: name"),
+            (
+                r#"model_config_list { config { name: "m" } }"#,
+                "model 'm': base_path is empty",
+            ),
+            (
+                r#"model_config_list { config { name: "a/b" base_path: "/m" } }"#,
+                "config #1: name",
+            ),
             (
                 r#"model_config_list { config { name: "m" base_path: "/m" } config { name: "m" base_path: "/n" } }"#,
                 "model 'm' is configured twice",
@@ -192,7 +208,10 @@ mod tests {
         ];
         for (text, needle) in cases {
             let err = parse_model_config_file(text).unwrap_err();
-            assert!(err.contains(needle), "{text}\n  gave: {err}\n  wanted: {needle}");
+            assert!(
+                err.contains(needle),
+                "{text}\n  gave: {err}\n  wanted: {needle}"
+            );
         }
     }
 
@@ -201,7 +220,15 @@ mod tests {
         let m = ModelConfig::single("mnist", "/tmp/monitored").unwrap();
         assert_eq!(m.name.as_str(), "mnist");
         assert_eq!(m.policy, VersionPolicy::Latest(1));
-        assert!(ModelConfig::single("a b", "/x").unwrap_err().contains("--model_name"));
-        assert!(ModelConfig::single("m", " ").unwrap_err().contains("--model_base_path"));
+        assert!(
+            ModelConfig::single("a b", "/x")
+                .unwrap_err()
+                .contains("--model_name")
+        );
+        assert!(
+            ModelConfig::single("m", " ")
+                .unwrap_err()
+                .contains("--model_base_path")
+        );
     }
 }

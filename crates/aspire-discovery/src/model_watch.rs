@@ -32,7 +32,8 @@ enum ProblemKind {
 struct VersionDir {
     /// The directory's name (`7`, or `007`).
     name: String,
-    listing: BTreeMap<String, ObjectMeta>,
+    /// `None` before the first listing, so even an empty directory needs two polls.
+    listing: Option<BTreeMap<String, ObjectMeta>>,
     /// The listing equals the one before it.
     stable: bool,
     /// The current stable listing was judged; judged once per listing, so a bad
@@ -113,7 +114,9 @@ impl ModelWatch {
     fn log_aspiring(&self) {
         let name = &self.config.name;
         match &self.published_aspired {
-            Some(a) => info!(model = %name, "aspiring version(s) [{}] of model {name}", list_versions(a.versions.iter().copied())),
+            Some(a) => {
+                info!(model = %name, "aspiring version(s) [{}] of model {name}", list_versions(a.versions.iter().copied()))
+            }
             None => info!(model = %name, "aspiring no version of model {name} yet"),
         }
     }
@@ -122,7 +125,10 @@ impl ModelWatch {
         // Once per transition: a storage error's text may differ every poll.
         if self.problem.as_ref().map(|(k, _)| *k) != Some(kind) {
             let kept = match &self.published_available {
-                Some(a) => format!("keeping the last published versions [{}]", list_versions(a.numbers())),
+                Some(a) => format!(
+                    "keeping the last published versions [{}]",
+                    list_versions(a.numbers())
+                ),
                 None => "nothing was published for it yet".to_string(),
             };
             warn!(model = %self.config.name, "model {}: {why}; {kept}", self.config.name);
@@ -149,24 +155,25 @@ impl ModelWatch {
         self.note_ignored(others);
         self.versions.retain(|v, d| found.get(v) == Some(&d.name));
 
-        let listings = futures::future::join_all(found.iter().map(|(v, name)| async move {
-            (*v, name.clone(), location.list_files(name).await)
-        }))
-        .await;
+        let listings =
+            futures::future::join_all(found.iter().map(|(v, name)| async move {
+                (*v, name.clone(), location.list_files(name).await)
+            }))
+            .await;
         let mut complete = Vec::new();
         for (version, name, listing) in listings {
             let listing = listing.map_err(|e| e.to_string())?;
             let dir = self.versions.entry(version).or_insert_with(|| VersionDir {
                 name,
-                listing: BTreeMap::new(),
+                listing: None,
                 stable: false,
                 evaluated: false,
                 last_good: None,
             });
-            if dir.listing == listing {
+            if dir.listing.as_ref() == Some(&listing) {
                 dir.stable = true;
             } else {
-                dir.listing = listing;
+                dir.listing = Some(listing);
                 dir.stable = false;
                 dir.evaluated = false;
             }
@@ -189,14 +196,23 @@ impl ModelWatch {
         self.ignored = present;
     }
 
-    async fn publish(&mut self, registry: &dyn Registry, available: AvailableVersions, aspired: AspiredVersions) {
+    async fn publish(
+        &mut self,
+        registry: &dyn Registry,
+        available: AvailableVersions,
+        aspired: AspiredVersions,
+    ) {
         let name = self.config.name.clone();
         let available_changed = self.published_available.as_ref() != Some(&available);
         let aspired_changed = self.published_aspired.as_ref() != Some(&aspired);
         // Readers look up aspired versions in `available`, so never let `aspired` name a
         // version the published `available` lacks: aspired goes first only when every
         // version it names is already published.
-        let old = self.published_available.as_ref().map(AvailableVersions::numbers).unwrap_or_default();
+        let old = self
+            .published_available
+            .as_ref()
+            .map(AvailableVersions::numbers)
+            .unwrap_or_default();
         let aspired_first = aspired.versions.iter().all(|v| old.contains(v));
         for aspired_turn in [aspired_first, !aspired_first] {
             let result = if aspired_turn && aspired_changed {
@@ -223,20 +239,29 @@ impl ModelWatch {
 }
 
 /// Decides whether a stable version directory is loadable and, if so, what it serves.
-async fn evaluate(config: &ModelConfig, location: &StorageLocation, version: Version, dir: &mut VersionDir) {
+async fn evaluate(
+    config: &ModelConfig,
+    location: &StorageLocation,
+    version: Version,
+    dir: &mut VersionDir,
+) {
     let model = &config.name;
-    let verdict = if !dir.listing.contains_key(MODEL_FILE) {
+    let listing = dir.listing.as_ref();
+    let verdict = if !listing.is_some_and(|l| l.contains_key(MODEL_FILE)) {
         Err(format!("it has no {MODEL_FILE}"))
-    } else if let Some(meta) = dir.listing.get(SIGNATURE_FILE) {
+    } else if let Some(meta) = listing.and_then(|l| l.get(SIGNATURE_FILE)) {
         if meta.size > MAX_SIGNATURE_BYTES {
-            Err(format!("{SIGNATURE_FILE} is {} bytes; the limit is {MAX_SIGNATURE_BYTES}", meta.size))
+            Err(format!(
+                "{SIGNATURE_FILE} is {} bytes; the limit is {MAX_SIGNATURE_BYTES}",
+                meta.size
+            ))
         } else {
             match location.read(&dir.name, SIGNATURE_FILE).await {
                 Ok(bytes) => SignatureMap::from_json(&bytes),
                 Err(e) => {
-                    // Not a verdict on the version: the read is retried next poll.
+                    // Not a verdict on the version: the read is retried next poll, and
+                    // what was served from this directory until now stays.
                     warn!(model = %model, "version {version} of model {model}: {e}");
-                    dir.last_good = None;
                     return;
                 }
             }
@@ -257,5 +282,69 @@ async fn evaluate(config: &ModelConfig, location: &StorageLocation, version: Ver
             warn!(model = %model, "version {version} of model {model} is not available: {why}");
             dir.last_good = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aspire_registry::MemoryRegistry;
+
+    fn write(base: &std::path::Path, relative: &str, bytes: &[u8]) {
+        let path = base.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn watch(base: &std::path::Path) -> ModelWatch {
+        let mut config = ModelConfig::single("m", base.to_str().unwrap()).unwrap();
+        config.policy = aspire_core::VersionPolicy::All;
+        ModelWatch::new(config)
+    }
+
+    async fn available(registry: &MemoryRegistry) -> Vec<AvailableVersion> {
+        let state = registry.state().await.unwrap();
+        let m = &state.models[&aspire_core::ModelName::new("m").unwrap()];
+        m.available.clone().unwrap().versions
+    }
+
+    #[tokio::test]
+    async fn a_served_version_that_changes_stays_until_the_change_settles() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "1/model.pt", b"v1");
+        write(tmp.path(), "2/model.pt", b"v2");
+        let registry = MemoryRegistry::default();
+        let mut w = watch(tmp.path());
+        for _ in 0..2 {
+            w.poll(&registry).await;
+        }
+        let nums = |a: Vec<AvailableVersion>| a.iter().map(|v| v.version.get()).collect::<Vec<_>>();
+        assert_eq!(nums(available(&registry).await), [1, 2]);
+
+        std::fs::remove_file(tmp.path().join("1/model.pt")).unwrap();
+        w.poll(&registry).await;
+        assert_eq!(nums(available(&registry).await), [1, 2], "changing: kept");
+        w.poll(&registry).await;
+        assert_eq!(
+            nums(available(&registry).await),
+            [2],
+            "settled without model.pt: gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_canonical_name_wins_over_leading_zeros() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), "007/model.pt", b"padded");
+        write(tmp.path(), "7/model.pt", b"canonical");
+        let registry = MemoryRegistry::default();
+        let mut w = watch(tmp.path());
+        for _ in 0..2 {
+            w.poll(&registry).await;
+        }
+        let found = available(&registry).await;
+        assert_eq!(found.len(), 1);
+        assert!(found[0].path.ends_with("/7"), "{}", found[0].path);
+        assert!(w.ignored.contains("007"));
     }
 }

@@ -9,17 +9,19 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use aspire_core::Version;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme};
-use tokio::io::AsyncWriteExt;
 use url::Url;
 
 use crate::error::DiscoveryError;
+
+mod fetch;
+
+pub use fetch::fetch_version;
 
 /// A base path opened: the store that holds it and the prefix of the base path in it.
 #[derive(Debug, Clone)]
@@ -51,7 +53,8 @@ impl StorageLocation {
             let fs_path = url.to_file_path().map_err(|()| {
                 invalid("a file URL must name no host, e.g. file:///models/mnist".to_string())
             })?;
-            let prefix = ObjectPath::from_absolute_path(&fs_path).map_err(|e| invalid(e.to_string()))?;
+            let prefix =
+                ObjectPath::from_absolute_path(&fs_path).map_err(|e| invalid(e.to_string()))?;
             return Ok(Self {
                 store: Arc::new(LocalFileSystem::new()),
                 prefix,
@@ -61,7 +64,10 @@ impl StorageLocation {
         const SUPPORTED: &str = "use a local path or a file://, s3://, gs://, az:// or abfs:// URL";
         let (scheme, _) = ObjectStoreScheme::parse(&url).map_err(|_| {
             invalid(if url.host_str().is_none_or(str::is_empty) {
-                format!("the URL names no bucket or container, e.g. {}://bucket/models/mnist", url.scheme())
+                format!(
+                    "the URL names no bucket or container, e.g. {}://bucket/models/mnist",
+                    url.scheme()
+                )
             } else {
                 format!("unknown storage scheme '{}'; {SUPPORTED}", url.scheme())
             })
@@ -70,7 +76,12 @@ impl StorageLocation {
             ObjectStoreScheme::AmazonS3 => "AWS_",
             ObjectStoreScheme::GoogleCloudStorage => "GOOGLE_",
             ObjectStoreScheme::MicrosoftAzure => "AZURE_",
-            _ => return Err(invalid(format!("'{}' URLs are not supported; {SUPPORTED}", url.scheme()))),
+            _ => {
+                return Err(invalid(format!(
+                    "'{}' URLs are not supported; {SUPPORTED}",
+                    url.scheme()
+                )));
+            }
         };
         if !cfg!(feature = "cloud") {
             return Err(invalid(
@@ -81,7 +92,8 @@ impl StorageLocation {
             .filter(|(k, _)| k.starts_with(env_prefix))
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
-        let (store, prefix) = object_store::parse_url_opts(&url, options).map_err(|e| invalid(e.to_string()))?;
+        let (store, prefix) =
+            object_store::parse_url_opts(&url, options).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             store: Arc::from(store),
             prefix,
@@ -124,25 +136,52 @@ impl StorageLocation {
             .list_with_delimiter(Some(&self.prefix))
             .await
             .map_err(|e| DiscoveryError::storage(&self.url, e))?;
-        let name_under = |p: &ObjectPath| p.prefix_match(&self.prefix)?.next().map(|part| part.as_ref().to_string());
+        let name_under = |p: &ObjectPath| {
+            p.prefix_match(&self.prefix)?
+                .next()
+                .map(|part| part.as_ref().to_string())
+        };
         Ok(Children {
-            dirs: listing.common_prefixes.iter().filter_map(name_under).collect(),
-            files: listing.objects.iter().filter_map(|o| name_under(&o.location)).collect(),
+            dirs: listing
+                .common_prefixes
+                .iter()
+                .filter_map(name_under)
+                .collect(),
+            files: listing
+                .objects
+                .iter()
+                .filter_map(|o| name_under(&o.location))
+                .collect(),
         })
     }
 
     /// Every file under child directory `dir`, by path relative to it (`model.pt`,
     /// `extra/vocab.txt`).
-    pub(crate) async fn list_files(&self, dir: &str) -> Result<BTreeMap<String, ObjectMeta>, DiscoveryError> {
-        list_recursive(&self.store, &self.prefix.clone().join(dir), &format!("{}/{dir}", self.url)).await
+    pub(crate) async fn list_files(
+        &self,
+        dir: &str,
+    ) -> Result<BTreeMap<String, ObjectMeta>, DiscoveryError> {
+        list_recursive(
+            &self.store,
+            &self.prefix.clone().join(dir),
+            &format!("{}/{dir}", self.url),
+        )
+        .await
     }
 
     /// Reads one file of child directory `dir` whole.
     pub(crate) async fn read(&self, dir: &str, file: &str) -> Result<Vec<u8>, DiscoveryError> {
         let location = self.prefix.clone().join(dir).join(file);
         let url = format!("{}/{dir}/{file}", self.url);
-        let got = self.store.get(&location).await.map_err(|e| DiscoveryError::storage(&url, e))?;
-        let bytes = got.bytes().await.map_err(|e| DiscoveryError::storage(&url, e))?;
+        let got = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| DiscoveryError::storage(&url, e))?;
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| DiscoveryError::storage(&url, e))?;
         Ok(bytes.to_vec())
     }
 }
@@ -177,7 +216,8 @@ fn to_url(base_path: &str) -> Result<Url, String> {
     if trimmed.contains("://") || trimmed.starts_with("file:") {
         return Url::parse(trimmed).map_err(|e| format!("not a valid URL ({e})"));
     }
-    let absolute = std::path::absolute(trimmed).map_err(|e| format!("cannot make it absolute ({e})"))?;
+    let absolute =
+        std::path::absolute(trimmed).map_err(|e| format!("cannot make it absolute ({e})"))?;
     Url::from_file_path(normalize(&absolute)).map_err(|()| "not an absolute path".to_string())
 }
 
@@ -196,90 +236,6 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// Copies every file under the version directory `path_url` (a URL from
-/// [`StorageLocation::version_url`], or a plain path) into `dest_dir`, keeping
-/// subdirectories. The copy is assembled in a hidden sibling directory and renamed into
-/// place at the end, so `dest_dir` either does not exist or is complete; an existing
-/// `dest_dir` is replaced. A version directory with no files is an error, so a mistyped
-/// URL never yields an empty "complete" copy.
-pub async fn fetch_version(path_url: &str, dest_dir: &Path) -> Result<(), String> {
-    fetch(path_url, dest_dir).await.map_err(|e| e.to_string())
-}
-
-async fn fetch(path_url: &str, dest_dir: &Path) -> Result<(), DiscoveryError> {
-    let location = StorageLocation::open(path_url)?;
-    let fetch_error = |reason: &str| DiscoveryError::Fetch {
-        location: location.url.clone(),
-        reason: reason.to_string(),
-    };
-    let files = list_recursive(&location.store, &location.prefix, &location.url).await?;
-    if files.is_empty() {
-        return Err(fetch_error("it holds no files"));
-    }
-    let (Some(parent), Some(name)) = (dest_dir.parent(), dest_dir.file_name()) else {
-        return Err(DiscoveryError::io(dest_dir, std::io::Error::other("the destination needs a parent directory")));
-    };
-    tokio::fs::create_dir_all(parent).await.map_err(|e| DiscoveryError::io(parent, e))?;
-    // Unique per process and call, so two fetches of one version never share a staging dir.
-    static FETCHES: AtomicU64 = AtomicU64::new(0);
-    let staging = parent.join(format!(
-        ".{}.partial-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        FETCHES.fetch_add(1, Ordering::Relaxed)
-    ));
-    let copied = copy_all(&location, &files, &staging).await;
-    let placed = match copied {
-        Ok(()) => place(&staging, dest_dir).await,
-        Err(e) => Err(e),
-    };
-    if placed.is_err() {
-        let _ = tokio::fs::remove_dir_all(&staging).await;
-    }
-    placed
-}
-
-async fn copy_all(
-    location: &StorageLocation,
-    files: &BTreeMap<String, ObjectMeta>,
-    staging: &Path,
-) -> Result<(), DiscoveryError> {
-    for (relative, meta) in files {
-        let target = relative.split('/').fold(staging.to_path_buf(), |p, part| p.join(part));
-        if let Some(dir) = target.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| DiscoveryError::io(dir, e))?;
-        }
-        let url = format!("{}/{relative}", location.url);
-        let got = location.store.get(&meta.location).await.map_err(|e| DiscoveryError::storage(&url, e))?;
-        let mut stream = got.into_stream();
-        let mut file = tokio::fs::File::create(&target).await.map_err(|e| DiscoveryError::io(&target, e))?;
-        let mut written = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| DiscoveryError::storage(&url, e))?;
-            file.write_all(&chunk).await.map_err(|e| DiscoveryError::io(&target, e))?;
-            written += chunk.len() as u64;
-        }
-        // Durable before the rename publishes it, so a crash never leaves a torn copy.
-        file.sync_all().await.map_err(|e| DiscoveryError::io(&target, e))?;
-        if written != meta.size {
-            return Err(DiscoveryError::Fetch {
-                location: url,
-                reason: format!("it was {} bytes when listed but {written} bytes were read; it changed during the copy", meta.size),
-            });
-        }
-    }
-    Ok(())
-}
-
-async fn place(staging: &Path, dest_dir: &Path) -> Result<(), DiscoveryError> {
-    match tokio::fs::remove_dir_all(dest_dir).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(DiscoveryError::io(dest_dir, e)),
-    }
-    tokio::fs::rename(staging, dest_dir).await.map_err(|e| DiscoveryError::io(dest_dir, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,7 +245,10 @@ mod tests {
         let loc = StorageLocation::open("/tmp/monitored/").unwrap();
         assert_eq!(loc.url(), "file:///tmp/monitored");
         assert_eq!(loc.prefix().as_ref(), "tmp/monitored");
-        assert_eq!(loc.version_url(Version::new(3).unwrap()), "file:///tmp/monitored/3");
+        assert_eq!(
+            loc.version_url(Version::new(3).unwrap()),
+            "file:///tmp/monitored/3"
+        );
         let loc = StorageLocation::open("file:///tmp/a/../monitored").unwrap();
         assert_eq!(loc.url(), "file:///tmp/monitored");
         let loc = StorageLocation::open("/tmp/./x/../with space").unwrap();
@@ -315,12 +274,24 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "cloud"))]
+    #[test]
+    fn cloud_urls_need_the_cloud_feature() {
+        let err = StorageLocation::open("s3://bucket/m")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("feature `cloud`"), "{err}");
+    }
+
     #[cfg(feature = "cloud")]
     #[test]
     fn cloud_urls_open_without_touching_the_network() {
         let loc = StorageLocation::open("s3://bucket/models/mnist/").unwrap();
         assert_eq!(loc.prefix().as_ref(), "models/mnist");
-        assert_eq!(loc.version_url(Version::new(7).unwrap()), "s3://bucket/models/mnist/7");
+        assert_eq!(
+            loc.version_url(Version::new(7).unwrap()),
+            "s3://bucket/models/mnist/7"
+        );
         let loc = StorageLocation::open("gs://bucket/mnist").unwrap();
         assert_eq!(loc.url(), "gs://bucket/mnist");
     }

@@ -2,6 +2,9 @@
 //! to the registry its complete versions (`available`) and those its version policy
 //! selects (`aspired`), as TensorFlow Serving's file-system storage path source does.
 //!
+//! A model's first complete result is always written (the registry may still hold what
+//! an earlier run published); after that a key is written only when its value changes.
+//!
 //! Differences from TF Serving, on purpose:
 //! - a version directory counts only once it has `model.pt` and lists the same on two
 //!   polls in a row, so a `cp -r` in progress is never loaded half-written;
@@ -200,14 +203,23 @@ mod tests {
         let name_b = ModelName::new("b").unwrap();
         // Two polls one interval apart make version 1 complete (time is paused and
         // auto-advances, so this waits on the poller, not on the clock).
-        state.wait_for(|s| s.models.get(&name_a).is_some_and(|m| m.aspired.is_some())).await.unwrap();
+        state
+            .wait_for(|s| s.models.get(&name_a).is_some_and(|m| m.aspired.is_some()))
+            .await
+            .unwrap();
         handle.set_models(vec![model("b", &b)]);
         let s = state
-            .wait_for(|s| !s.models.contains_key(&name_a) && s.models.get(&name_b).is_some_and(|m| m.aspired.is_some()))
+            .wait_for(|s| {
+                !s.models.contains_key(&name_a)
+                    && s.models.get(&name_b).is_some_and(|m| m.aspired.is_some())
+            })
             .await
             .unwrap()
             .clone();
-        assert_eq!(s.models[&name_b].aspired.as_ref().unwrap().versions[0].get(), 2);
+        assert_eq!(
+            s.models[&name_b].aspired.as_ref().unwrap().versions[0].get(),
+            2
+        );
         stop.send(()).unwrap();
         task.await.unwrap();
     }
@@ -227,6 +239,9 @@ mod tests {
         assert!(registry.state().await.unwrap().models.is_empty());
         assert!(!task.is_finished());
         stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

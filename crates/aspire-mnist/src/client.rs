@@ -40,21 +40,21 @@ pub struct ClientOptions {
     #[arg(
         long = "num-tests",
         visible_alias = "num_tests",
-        env = "ASPIRE_MNIST_NUM_TESTS",
+        env = "ASPIRE_MNIST_CLIENT_NUM_TESTS",
         default_value_t = 100
     )]
     pub num_tests: usize,
     /// The server's gRPC address, `host:port` or a `http://` URI.
-    #[arg(long, env = "ASPIRE_MNIST_SERVER", default_value = "localhost:8500")]
+    #[arg(long, env = "ASPIRE_MNIST_CLIENT_SERVER", default_value = "localhost:8500")]
     pub server: String,
     /// Requests in flight at once.
-    #[arg(long, env = "ASPIRE_MNIST_CONCURRENCY", default_value_t = 1)]
+    #[arg(long, env = "ASPIRE_MNIST_CLIENT_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
     /// `ModelSpec.name`.
     #[arg(
         long = "model-name",
         visible_alias = "model_name",
-        env = "ASPIRE_MNIST_MODEL_NAME",
+        env = "ASPIRE_MNIST_CLIENT_MODEL_NAME",
         default_value = "mnist"
     )]
     pub model_name: String,
@@ -62,21 +62,25 @@ pub struct ClientOptions {
     #[arg(
         long = "signature-name",
         visible_alias = "signature_name",
-        env = "ASPIRE_MNIST_SIGNATURE_NAME",
+        env = "ASPIRE_MNIST_CLIENT_SIGNATURE_NAME",
         default_value = SIGNATURE_NAME
     )]
     pub signature_name: String,
     /// `ModelSpec.version`; without it the server picks (normally the latest).
-    #[arg(long = "model-version", visible_alias = "model_version", env = "ASPIRE_MNIST_MODEL_VERSION")]
+    #[arg(
+        long = "model-version",
+        visible_alias = "model_version",
+        env = "ASPIRE_MNIST_CLIENT_MODEL_VERSION"
+    )]
     pub model_version: Option<Version>,
     /// How to encode the image tensor.
-    #[arg(long, value_enum, env = "ASPIRE_MNIST_ENCODING", default_value_t = Encoding::Typed)]
+    #[arg(long, value_enum, env = "ASPIRE_MNIST_CLIENT_ENCODING", default_value_t = Encoding::Typed)]
     pub encoding: Encoding,
     /// Deadline of each RPC (and of connecting), in milliseconds.
     #[arg(
         long = "timeout-ms",
         visible_alias = "timeout_ms",
-        env = "ASPIRE_MNIST_TIMEOUT_MS",
+        env = "ASPIRE_MNIST_CLIENT_TIMEOUT_MS",
         default_value_t = 5000
     )]
     pub timeout_ms: u64,
@@ -393,7 +397,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        let _ = write!(text, ": {s}");
+        let message = s.to_string();
+        // hyper-util repeats its own message one level down ("tcp connect error").
+        if !text.ends_with(&message) {
+            let _ = write!(text, ": {message}");
+        }
         source = s.source();
     }
     text

@@ -158,7 +158,9 @@ mod tests {
     #[test]
     fn splits_every_fifth_row_and_scales() {
         let dir = tempfile::tempdir().unwrap();
-        let text: String = (0..10).map(|i| row(255 * (i % 2), &(i % 10).to_string())).collect();
+        let text: String = (0..10)
+            .map(|i| row(255 * (i % 2), &(i % 10).to_string()))
+            .collect();
         let data = load(&write_gz(dir.path(), &text)).unwrap();
         assert_eq!((data.train.len(), data.test.len()), (8, 2));
         assert_eq!(data.test.labels, vec![4, 9]);
@@ -181,7 +183,9 @@ mod tests {
             assert!(err.starts_with(&format!("{}:2: ", path.display())), "{err}");
             assert!(err.contains(needle), "{err}");
         }
-        let missing = load(&dir.path().join("nope.csv.gz")).unwrap_err().to_string();
+        let missing = load(&dir.path().join("nope.csv.gz"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("make setup"), "{missing}");
     }
 }

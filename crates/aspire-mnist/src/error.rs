@@ -7,7 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The data file does not exist.
-    #[error("MNIST data file {path} not found; run `make setup` to extract it, or point --data (ASPIRE_MNIST_DATA) at it")]
+    #[error(
+        "MNIST data file {path} not found; run `make setup` to extract it, or point --data (ASPIRE_MNIST_DATA) at it"
+    )]
     DataMissing {
         /// The path that was tried.
         path: PathBuf,
@@ -33,7 +35,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The export's version folder already exists.
-    #[error("version folder {path} already exists; refusing to overwrite a model version that may be serving (pick another --model-version or remove it)")]
+    #[error(
+        "version folder {path} already exists; refusing to overwrite a model version that may be serving (pick another --model-version or remove it)"
+    )]
     VersionExists {
         /// The existing folder.
         path: PathBuf,
@@ -58,7 +62,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         Error::Io {
             action,
             path: path.into(),

@@ -475,12 +475,13 @@ mod tests {
         outputs.iter().map(|t| t.to_f32().unwrap()).collect()
     }
 
-    /// Starts a batcher whose single thread is held inside a forward pass of one row.
-    async fn held(config: BatchConfig) -> (Arc<Fake>, Gate, Batcher) {
+    /// Starts a batcher whose first forward pass (one row) is held on the gate.
+    async fn held(config: BatchConfig) -> (Arc<Fake>, Gate, Arc<Batcher>) {
         let (fake, mut gate) = Fake::gated();
-        let b = Batcher::new(fake.clone(), config);
-        b.submit(sig(), vec![tensor(1, 2, 100.0)], None)
-            .now_or_never();
+        let b = Arc::new(Batcher::new(fake.clone(), config));
+        let blocker = b.clone();
+        // A task, not a dropped future: the batcher does not run requests nobody awaits.
+        tokio::spawn(async move { blocker.submit(sig(), vec![tensor(1, 2, 100.0)], None).await });
         gate.entered().await;
         (fake, gate, b)
     }
@@ -819,7 +820,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_finishes_queued_rejects_new_and_is_idempotent() {
         let (fake, gate, b) = held(config(8)).await;
-        let b = Arc::new(b);
         let queued = enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await;
         let closing = tokio::task::spawn_blocking({
             let b = b.clone();

@@ -115,7 +115,7 @@ impl TorchModel {
     }
 
     fn warm_up(&self, sig: &Signature, batch_sizes: &[usize]) -> Result<(), String> {
-        let mut warmed = false;
+        self.check_method_exists(&sig.method)?;
         for &batch in batch_sizes {
             let rows =
                 i64::try_from(batch).map_err(|_| format!("batch size {batch} is too large"))?;
@@ -124,16 +124,12 @@ impl TorchModel {
             };
             self.run(sig, &inputs)
                 .map_err(|e| format!("warm-up at batch size {batch}: {e}"))?;
-            warmed = true;
-        }
-        if !warmed {
-            self.check_method_exists(&sig.method)?;
         }
         Ok(())
     }
 
-    /// Finds a misspelt method in a signature that cannot be warmed up. A call with no
-    /// arguments fails LibTorch's argument check before anything runs, and its message
+    /// Finds a misspelt method, also in a signature that cannot be warmed up. A call with
+    /// no arguments fails LibTorch's argument check before anything runs, and its message
     /// tells a missing method apart from a missing argument.
     fn check_method_exists(&self, method: &str) -> Result<(), String> {
         let no_args: &[IValue] = &[];
@@ -178,7 +174,7 @@ impl TorchModel {
                 self.module.method_is(&sig.method, &args)
             }
         })
-        .map_err(|e| format!("method '{}' failed: {}", sig.method, torch_message(&e)))?;
+        .map_err(|e| method_error(&sig.method, &e))?;
         drop(args);
         let outputs = match_outputs(&sig.outputs, &sig.method, result)?;
         sig.outputs
@@ -511,12 +507,39 @@ fn ivalue_kind(v: &IValue) -> &'static str {
     }
 }
 
-/// LibTorch's message without the C++ stack trace it appends, on one line.
+/// A failed call as one sentence. TorchScript puts two tracebacks before the exception;
+/// the log keeps them and the caller gets the exception itself (`RuntimeError: ...`).
+fn method_error(method: &str, e: &tch::TchError) -> String {
+    let text = raw_message(e);
+    if text.contains(&format!("Method '{method}' is not defined")) {
+        return format!("the module has no method '{method}'");
+    }
+    let exception = match text.find("Traceback of TorchScript") {
+        Some(start) => {
+            tracing::debug!(method, error = %one_line(&text), "TorchScript method failed");
+            // The exception follows the last `<--- HERE` marker.
+            text[start..]
+                .rsplit_once("<--- HERE")
+                .map_or(&text[start..], |(_, rest)| rest)
+        }
+        None => text.as_str(),
+    };
+    format!("method '{method}' failed: {}", one_line(exception))
+}
+
+/// LibTorch's message on one line, without the C++ stack trace it may append.
 fn torch_message(e: &tch::TchError) -> String {
-    let text = match e {
+    one_line(&raw_message(e))
+}
+
+fn raw_message(e: &tch::TchError) -> String {
+    match e {
         tch::TchError::Torch(msg) => msg.clone(),
         other => other.to_string(),
-    };
+    }
+}
+
+fn one_line(text: &str) -> String {
     let mut lines = Vec::new();
     for line in text.lines() {
         let line = line.trim();

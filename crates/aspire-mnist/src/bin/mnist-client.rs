@@ -8,21 +8,27 @@ use aspire_mnist::client::format_error_rate;
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
     let opts = aspire_mnist::ClientOptions::parse();
-    let report = aspire_mnist::run_client(&opts).await?;
+    let report = match aspire_mnist::run_client(&opts).await {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("mnist-client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     println!("{}", format_error_rate(report.error_rate()));
     println!("{}", report.counts_line());
     if let Some(first) = &report.first_failure {
         eprintln!("first failure: {first}");
     }
-    Ok(if report.all_answered() {
+    if report.all_answered() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }

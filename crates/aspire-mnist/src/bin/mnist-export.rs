@@ -1,22 +1,29 @@
 //! `mnist-export`: trains the MNIST classifier and exports it as a TorchScript model
 //! version, like TensorFlow Serving's `mnist_saved_model.py`.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let opts = aspire_mnist::ExportOptions::parse();
-    println!(
-        "Training for {} iterations (batches of {}) ...",
-        opts.training_iterations, opts.batch_size
-    );
-    let report = aspire_mnist::train_and_export(&opts)?;
-    println!(
-        "Done training in {:.2} s: loss {:.4}, test accuracy {:.1}% ({} training images)",
-        report.training_time.as_secs_f64(),
-        report.final_loss,
-        report.test_accuracy * 100.0,
-        report.train_images
-    );
-    println!("Exported model to {}", report.version_dir.display());
-    Ok(())
+    match aspire_mnist::train_and_export(&opts) {
+        Ok(report) => {
+            println!(
+                "Trained {} iterations (batches of {}) in {:.2} s: loss {:.4}, test accuracy {:.1}%",
+                report.training_iterations,
+                opts.batch_size,
+                report.training_time.as_secs_f64(),
+                report.final_loss,
+                report.test_accuracy * 100.0,
+            );
+            println!("Exported model to {}", report.version_dir.display());
+            ExitCode::SUCCESS
+        }
+        // The error is a sentence for the user; a backtrace would only bury it.
+        Err(e) => {
+            eprintln!("mnist-export: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

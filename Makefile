@@ -1,0 +1,42 @@
+# Aspire: `make run` serves the MNIST demo, `make test` runs every test.
+# Both install what is missing first (scripts/setup.sh).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PORT ?= 8500
+DEMO_DIR ?= .aspire/demo
+RELEASE_BIN := target/release
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: setup
+setup: ## Install what is missing: Debian packages, the torch venv, MNIST data
+	@bash scripts/setup.sh
+
+.PHONY: build
+build: setup ## Build every binary (release)
+	$(CARGO) build --release --workspace --bins
+
+.PHONY: run
+run: build ## Export mnist v1 and serve it with aspire-server on 127.0.0.1:$(PORT) until Ctrl-C
+	@bash scripts/run_demo.sh $(RELEASE_BIN) $(DEMO_DIR) $(PORT)
+
+.PHONY: test
+test: setup ## Install what is missing, then run every test, clippy and rustfmt
+	$(CARGO) fmt --all --check
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: clean
+clean: ## Remove build outputs and the demo directory
+	$(CARGO) clean
+	rm -rf .aspire
