@@ -19,7 +19,10 @@ use tonic::Code;
 const LIMIT: Duration = Duration::from_secs(90);
 
 fn mnist_data() -> String {
-    workspace_root().join("data/mnist_5k.csv.gz").display().to_string()
+    workspace_root()
+        .join("data/mnist_5k.csv.gz")
+        .display()
+        .to_string()
 }
 
 /// Exports mnist `version` trained for `iterations` into `dir` with the real exporter.
@@ -50,7 +53,13 @@ fn f32_tensor(shape: &[i64], values: &[f32]) -> TensorProto {
     TensorProto {
         dtype: 1,
         tensor_shape: Some(TensorShapeProto {
-            dim: shape.iter().map(|s| Dim { size: *s, name: String::new() }).collect(),
+            dim: shape
+                .iter()
+                .map(|s| Dim {
+                    size: *s,
+                    name: String::new(),
+                })
+                .collect(),
             unknown_rank: false,
         }),
         float_val: values.to_vec(),
@@ -63,7 +72,10 @@ fn mnist_request(version: Option<i64>, inputs: Vec<(&str, TensorProto)>) -> Pred
     model_spec.signature_name = "predict_images".into();
     PredictRequest {
         model_spec: Some(model_spec),
-        inputs: inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        inputs: inputs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         output_filter: vec![],
     }
 }
@@ -85,8 +97,14 @@ async fn tutorial_version_swap_loses_no_request() {
         &format!("--model_base_path={}", monitored.display()),
     ]);
     server.wait_available("mnist", 1, LIMIT).await;
-    assert!(server.log().contains("aspiring version(s) [1] of model mnist") || server.log().contains("aspiring"),
-        "the poll log line is missing:\n{}", server.log());
+    assert!(
+        server
+            .log()
+            .contains("aspiring version(s) [1] of model mnist")
+            || server.log().contains("aspiring"),
+        "the poll log line is missing:\n{}",
+        server.log()
+    );
 
     let v1 = client(&server, 1000, 10).await;
     assert_eq!(v1.failed_rpcs(), 0, "{}", v1.counts_line());
@@ -108,9 +126,16 @@ async fn tutorial_version_swap_loses_no_request() {
                 match c.predict(req).await {
                     Ok(r) => {
                         ok += 1;
-                        if r.into_inner().model_spec.and_then(|s| s.version_choice).is_some_and(|v| {
-                            matches!(v, aspire_proto::serving::model_spec::VersionChoice::Version(2))
-                        }) {
+                        if r.into_inner()
+                            .model_spec
+                            .and_then(|s| s.version_choice)
+                            .is_some_and(|v| {
+                                matches!(
+                                    v,
+                                    aspire_proto::serving::model_spec::VersionChoice::Version(2)
+                                )
+                            })
+                        {
                             by_v2 += 1;
                         }
                     }
@@ -132,7 +157,11 @@ async fn tutorial_version_swap_loses_no_request() {
             let req = build_request(&ClientOptions::parse_from(["mnist-client"]), &[0.0; 784]);
             let resp = pc.predict(req).await.ok()?.into_inner();
             let v = resp.model_spec?.version_choice?;
-            matches!(v, aspire_proto::serving::model_spec::VersionChoice::Version(2)).then(|| copied_at.elapsed())
+            matches!(
+                v,
+                aspire_proto::serving::model_spec::VersionChoice::Version(2)
+            )
+            .then(|| copied_at.elapsed())
         }
     })
     .await;
@@ -155,7 +184,12 @@ async fn tutorial_version_swap_loses_no_request() {
     );
     assert_eq!(v2.failed_rpcs(), 0, "{}", v2.counts_line());
     assert_eq!(v2.versions.get(&2), Some(&1000), "{}", v2.counts_line());
-    assert!(v2.error_rate() < v1.error_rate(), "v2 {} vs v1 {}", v2.error_rate(), v1.error_rate());
+    assert!(
+        v2.error_rate() < v1.error_rate(),
+        "v2 {} vs v1 {}",
+        v2.error_rate(),
+        v1.error_rate()
+    );
 
     // v1 is unloaded once v2 serves (latest-1 policy).
     let mut mc = server.model_client().await;
@@ -163,7 +197,9 @@ async fn tutorial_version_swap_loses_no_request() {
         let mut mc = mc.clone();
         async move {
             let r = mc
-                .get_model_status(GetModelStatusRequest { model_spec: Some(spec("mnist", Some(1))) })
+                .get_model_status(GetModelStatusRequest {
+                    model_spec: Some(spec("mnist", Some(1))),
+                })
                 .await
                 .ok()?
                 .into_inner();
@@ -180,49 +216,177 @@ async fn tutorial_version_swap_loses_no_request() {
 async fn bad_requests_get_clear_errors() {
     let tmp = tempfile::tempdir().expect("tmp");
     export(&tmp.path().join("m"), 20, 1);
-    let server = Server::start(&["--model_name=mnist", &format!("--model_base_path={}", tmp.path().join("m").display())]);
+    let server = Server::start(&[
+        "--model_name=mnist",
+        &format!("--model_base_path={}", tmp.path().join("m").display()),
+    ]);
     server.wait_available("mnist", 1, LIMIT).await;
     let mut c = server.predict_client().await;
     let image = vec![0.5f32; 784];
 
     let cases: Vec<(&str, PredictRequest, Code, Vec<&str>)> = vec![
-        ("wrong input name", mnist_request(None, vec![("pixels", f32_tensor(&[1, 784], &image))]), Code::InvalidArgument, vec!["images", "missing"]),
-        ("extra input", mnist_request(None, vec![("images", f32_tensor(&[1, 784], &image)), ("x", f32_tensor(&[1], &[1.0]))]), Code::InvalidArgument, vec!["'x'"]),
-        ("wrong shape", mnist_request(None, vec![("images", f32_tensor(&[1, 783], &image[..783]))]), Code::InvalidArgument, vec!["[1, 783]", "[-1, 784]"]),
-        ("wrong dtype", mnist_request(None, vec![("images", TensorProto { dtype: 2, double_val: vec![0.0; 784], ..f32_tensor(&[1, 784], &[]) })]), Code::InvalidArgument, vec!["DT_DOUBLE", "DT_FLOAT"]),
-        ("content length", mnist_request(None, vec![("images", TensorProto { tensor_content: vec![0u8; 3132].into(), ..f32_tensor(&[1, 784], &[]) })]), Code::InvalidArgument, vec!["3132", "3136"]),
-        ("values count", mnist_request(None, vec![("images", f32_tensor(&[2, 784], &image))]), Code::InvalidArgument, vec!["images", "784"]),
-        ("unknown version", mnist_request(Some(7), vec![("images", f32_tensor(&[1, 784], &image))]), Code::NotFound, vec!["7", "available versions of model 'mnist': 1"]),
-        ("unknown signature", PredictRequest { model_spec: Some(aspire_proto::serving::ModelSpec { signature_name: "classify".into(), ..spec("mnist", None) }), ..mnist_request(None, vec![("images", f32_tensor(&[1, 784], &image))]) }, Code::InvalidArgument, vec!["classify", "predict_images"]),
-        ("unknown model", PredictRequest { model_spec: Some(spec("resnet", None)), ..mnist_request(None, vec![]) }, Code::NotFound, vec!["resnet", "mnist"]),
-        ("no model_spec", PredictRequest::default(), Code::InvalidArgument, vec!["model_spec"]),
+        (
+            "wrong input name",
+            mnist_request(None, vec![("pixels", f32_tensor(&[1, 784], &image))]),
+            Code::InvalidArgument,
+            vec!["images", "missing"],
+        ),
+        (
+            "extra input",
+            mnist_request(
+                None,
+                vec![
+                    ("images", f32_tensor(&[1, 784], &image)),
+                    ("x", f32_tensor(&[1], &[1.0])),
+                ],
+            ),
+            Code::InvalidArgument,
+            vec!["'x'"],
+        ),
+        (
+            "wrong shape",
+            mnist_request(None, vec![("images", f32_tensor(&[1, 783], &image[..783]))]),
+            Code::InvalidArgument,
+            vec!["[1, 783]", "[-1, 784]"],
+        ),
+        (
+            "wrong dtype",
+            mnist_request(
+                None,
+                vec![(
+                    "images",
+                    TensorProto {
+                        dtype: 2,
+                        double_val: vec![0.0; 784],
+                        ..f32_tensor(&[1, 784], &[])
+                    },
+                )],
+            ),
+            Code::InvalidArgument,
+            vec!["DT_DOUBLE", "DT_FLOAT"],
+        ),
+        (
+            "content length",
+            mnist_request(
+                None,
+                vec![(
+                    "images",
+                    TensorProto {
+                        tensor_content: vec![0u8; 3132].into(),
+                        ..f32_tensor(&[1, 784], &[])
+                    },
+                )],
+            ),
+            Code::InvalidArgument,
+            vec!["3132", "3136"],
+        ),
+        (
+            "values count",
+            mnist_request(None, vec![("images", f32_tensor(&[2, 784], &image))]),
+            Code::InvalidArgument,
+            vec!["images", "784"],
+        ),
+        (
+            "unknown version",
+            mnist_request(Some(7), vec![("images", f32_tensor(&[1, 784], &image))]),
+            Code::NotFound,
+            vec!["7", "available versions of model 'mnist': 1"],
+        ),
+        (
+            "unknown signature",
+            PredictRequest {
+                model_spec: Some(aspire_proto::serving::ModelSpec {
+                    signature_name: "classify".into(),
+                    ..spec("mnist", None)
+                }),
+                ..mnist_request(None, vec![("images", f32_tensor(&[1, 784], &image))])
+            },
+            Code::InvalidArgument,
+            vec!["classify", "predict_images"],
+        ),
+        (
+            "unknown model",
+            PredictRequest {
+                model_spec: Some(spec("resnet", None)),
+                ..mnist_request(None, vec![])
+            },
+            Code::NotFound,
+            vec!["resnet", "mnist"],
+        ),
+        (
+            "no model_spec",
+            PredictRequest::default(),
+            Code::InvalidArgument,
+            vec!["model_spec"],
+        ),
     ];
     for (what, req, code, needles) in cases {
         let err = c.predict(req).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {}", err.message());
         for n in needles {
-            assert!(err.message().contains(n), "{what}: {:?} lacks {n:?}", err.message());
+            assert!(
+                err.message().contains(n),
+                "{what}: {:?} lacks {n:?}",
+                err.message()
+            );
         }
     }
     // And a good request still works, with both encodings.
-    let ok = c.predict(mnist_request(None, vec![("images", f32_tensor(&[3, 784], &vec![0.1; 3 * 784]))])).await.expect("typed");
+    let ok = c
+        .predict(mnist_request(
+            None,
+            vec![("images", f32_tensor(&[3, 784], &vec![0.1; 3 * 784]))],
+        ))
+        .await
+        .expect("typed");
     let scores = &ok.get_ref().outputs["scores"];
     assert_eq!(scores.float_val.len(), 30);
-    let bytes: Vec<u8> = vec![0.1f32; 784].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = vec![0.1f32; 784]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let ok2 = c
-        .predict(mnist_request(None, vec![("images", TensorProto { tensor_content: bytes.into(), ..f32_tensor(&[1, 784], &[]) })]))
+        .predict(mnist_request(
+            None,
+            vec![(
+                "images",
+                TensorProto {
+                    tensor_content: bytes.into(),
+                    ..f32_tensor(&[1, 784], &[])
+                },
+            )],
+        ))
         .await
         .expect("tensor_content");
-    assert_eq!(ok2.get_ref().outputs["scores"].float_val, scores.float_val[..10].to_vec());
+    // Row 0 of a batch of 3 equals the same image alone (up to float rounding: batch sizes
+    // take different BLAS paths).
+    let alone = &ok2.get_ref().outputs["scores"].float_val;
+    assert_eq!(alone.len(), 10);
+    for (a, b) in alone.iter().zip(&scores.float_val[..10]) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "{alone:?} vs {:?}",
+            &scores.float_val[..10]
+        );
+    }
 
     // Metadata and the unimplemented methods.
     let md = c
-        .get_model_metadata(GetModelMetadataRequest { model_spec: Some(spec("mnist", None)), metadata_field: vec!["signature_def".into()] })
+        .get_model_metadata(GetModelMetadataRequest {
+            model_spec: Some(spec("mnist", None)),
+            metadata_field: vec!["signature_def".into()],
+        })
         .await
         .expect("metadata")
         .into_inner();
-    assert_eq!(md.metadata["signature_def"].type_url, "type.googleapis.com/tensorflow.serving.SignatureDefMap");
-    let err = c.classify(aspire_proto::serving::ClassificationRequest::default()).await.expect_err("classify");
+    assert_eq!(
+        md.metadata["signature_def"].type_url,
+        "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+    );
+    let err = c
+        .classify(aspire_proto::serving::ClassificationRequest::default())
+        .await
+        .expect_err("classify");
     assert_eq!(err.code(), Code::Unimplemented);
     assert!(err.message().contains("Predict"), "{}", err.message());
 }
@@ -233,12 +397,23 @@ async fn corrupt_version_keeps_the_old_one_serving() {
     let tmp = tempfile::tempdir().expect("tmp");
     let base = tmp.path().join("m");
     export(&base, 20, 1);
-    let server = Server::start(&["--model_name=mnist", &format!("--model_base_path={}", base.display())]);
+    let server = Server::start(&[
+        "--model_name=mnist",
+        &format!("--model_base_path={}", base.display()),
+    ]);
     server.wait_available("mnist", 1, LIMIT).await;
 
     std::fs::create_dir_all(tmp.path().join("staging/2")).expect("mkdir");
-    std::fs::copy(base.join("1/signature.json"), tmp.path().join("staging/2/signature.json")).expect("cp");
-    std::fs::write(tmp.path().join("staging/2/model.pt"), b"this is not a TorchScript archive").expect("write");
+    std::fs::copy(
+        base.join("1/signature.json"),
+        tmp.path().join("staging/2/signature.json"),
+    )
+    .expect("cp");
+    std::fs::write(
+        tmp.path().join("staging/2/model.pt"),
+        b"this is not a TorchScript archive",
+    )
+    .expect("write");
     std::fs::rename(tmp.path().join("staging/2"), base.join("2")).expect("mv");
 
     let mut mc = server.model_client().await;
@@ -246,7 +421,9 @@ async fn corrupt_version_keeps_the_old_one_serving() {
         let mut mc = mc.clone();
         async move {
             let r = mc
-                .get_model_status(GetModelStatusRequest { model_spec: Some(spec("mnist", Some(2))) })
+                .get_model_status(GetModelStatusRequest {
+                    model_spec: Some(spec("mnist", Some(2))),
+                })
                 .await
                 .ok()?
                 .into_inner();
@@ -260,7 +437,12 @@ async fn corrupt_version_keeps_the_old_one_serving() {
     assert!(error.contains("model.pt"), "{error}");
     let report = client(&server, 50, 4).await;
     assert_eq!(report.failed_rpcs(), 0, "{}", report.counts_line());
-    assert_eq!(report.versions.get(&1), Some(&50), "{}", report.counts_line());
+    assert_eq!(
+        report.versions.get(&1),
+        Some(&50),
+        "{}",
+        report.counts_line()
+    );
 }
 
 /// A model exported from Python with torch.jit.script, served next to mnist through
@@ -299,7 +481,11 @@ async fn python_model_config_file_and_tf_flags() {
     ]);
     server.wait_available("py", 1, LIMIT).await;
     server.wait_available("mnist", 1, LIMIT).await;
-    assert!(server.log().contains("rest_api_port"), "no warning for --rest_api_port:\n{}", server.log());
+    assert!(
+        server.log().contains("rest_api_port"),
+        "no warning for --rest_api_port:\n{}",
+        server.log()
+    );
 
     let mut c = server.predict_client().await;
     let x = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.0, 0.5, 10.0];
@@ -308,13 +494,20 @@ async fn python_model_config_file_and_tf_flags() {
         inputs: [("x".to_string(), f32_tensor(&[2, 4], &x))].into(),
         output_filter: vec![],
     };
-    let resp = c.predict(req.clone()).await.expect("predict py").into_inner();
+    let resp = c
+        .predict(req.clone())
+        .await
+        .expect("predict py")
+        .into_inner();
     let y: Vec<f32> = x.iter().map(|v| v * 2.0 + 1.0).collect();
     assert_eq!(resp.outputs["y"].float_val, y);
     assert_eq!(resp.outputs["total"].float_val, vec![10.0, 9.5]);
     // output_filter returns only what was asked for.
     let filtered = c
-        .predict(PredictRequest { output_filter: vec!["total".into()], ..req.clone() })
+        .predict(PredictRequest {
+            output_filter: vec!["total".into()],
+            ..req.clone()
+        })
         .await
         .expect("filtered")
         .into_inner();
@@ -329,7 +522,7 @@ async fn python_model_config_file_and_tf_flags() {
     assert!(err.message().contains('8'), "{}", err.message());
 }
 
-/// TorchScript of a model whose forward pass takes about `x[0, 0]` × 2 ms and that counts
+/// TorchScript of a model whose forward pass takes about `x[0, 0]` × 0.25 ms and that counts
 /// its calls in a buffer, answering the count as output `calls`.
 const SLOW_MODEL: &str = r#"
 import json, os, sys, torch
@@ -357,8 +550,11 @@ json.dump({"signatures": {"serving_default": sig}}, open(os.path.join(out, "sign
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_past_its_deadline_is_not_run() {
     let tmp = tempfile::tempdir().expect("tmp");
+    // torch.jit.script reads the module's source, so it must be a file.
+    let script = tmp.path().join("slow_model.py");
+    std::fs::write(&script, SLOW_MODEL).expect("write script");
     let status = Command::new(workspace_root().join(".venv/bin/python"))
-        .args(["-c", SLOW_MODEL])
+        .arg(&script)
         .arg(tmp.path().join("slow"))
         .status()
         .expect("python");
@@ -378,19 +574,31 @@ async fn request_past_its_deadline_is_not_run() {
     };
     // A occupies the only batch thread for about a second or more.
     let mut ca = c.clone();
-    let a = tokio::spawn(async move { ca.predict(req(600.0)).await });
+    let a = tokio::spawn(async move { ca.predict(req(8000.0)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut b_req = tonic::Request::new(req(0.0));
     b_req.set_timeout(Duration::from_millis(150));
     let mut cb = c.clone();
-    let b = cb.predict(b_req).await.expect_err("B waited past its deadline");
-    assert_eq!(b.code(), Code::DeadlineExceeded, "{b:?}");
+    let b = cb
+        .predict(b_req)
+        .await
+        .expect_err("B waited past its deadline");
+    // gRPC clients enforce the deadline themselves too, so whichever side notices first
+    // answers: DEADLINE_EXCEEDED from the server, CANCELLED ("Timeout expired") from tonic.
+    assert!(
+        matches!(b.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{b:?}"
+    );
     let a = a.await.expect("join").expect("A ran").into_inner();
     let mut cc = c.clone();
     let c_resp = cc.predict(req(0.0)).await.expect("C ran").into_inner();
     let calls_a = a.outputs["calls"].float_val[0];
     let calls_c = c_resp.outputs["calls"].float_val[0];
-    assert_eq!(calls_c, calls_a + 1.0, "B reached the model between A and C");
+    assert_eq!(
+        calls_c,
+        calls_a + 1.0,
+        "B reached the model between A and C"
+    );
 }
 
 /// TensorFlow Serving's own Python API (a client this project did not write) talks to
@@ -399,10 +607,17 @@ async fn request_past_its_deadline_is_not_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tf_serving_python_client_works_unchanged() {
     let python = workspace_root().join(".aspire-tfs-client/bin/python");
-    assert!(python.exists(), "{} is missing: run scripts/setup.sh (make test does)", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup.sh (make test does)",
+        python.display()
+    );
     let tmp = tempfile::tempdir().expect("tmp");
     export(&tmp.path().join("m"), 200, 1);
-    let server = Server::start(&["--model_name=mnist", &format!("--model_base_path={}", tmp.path().join("m").display())]);
+    let server = Server::start(&[
+        "--model_name=mnist",
+        &format!("--model_base_path={}", tmp.path().join("m").display()),
+    ]);
     server.wait_available("mnist", 1, LIMIT).await;
     let addr = server.addr.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -417,6 +632,10 @@ async fn tf_serving_python_client_works_unchanged() {
     .expect("join");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
-    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("metadata and status OK"), "{stdout}");
 }

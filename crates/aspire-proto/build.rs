@@ -15,10 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor bytes stay `Bytes`, so decoding a request does not copy them.
         .bytes(".tensorflow.TensorProto.tensor_content")
         .file_descriptor_set_path(out.join("descriptor_set.bin"))
-        .compile_protos(
-            &files.map(|f| root.join(f)),
-            &[root.clone()],
-        )?;
+        .compile_protos(&files.map(|f| root.join(f)), std::slice::from_ref(&root))?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

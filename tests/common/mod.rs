@@ -17,7 +17,10 @@ use tonic::transport::Channel;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A binary built by `cargo build --workspace --bins` in this test's profile.
@@ -45,7 +48,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -88,9 +94,15 @@ impl Server {
         let start = Instant::now();
         while std::net::TcpStream::connect(&addr).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("aspire-server exited with {status}; log:\n{}", log.lock().expect("log").join("\n"));
+                panic!(
+                    "aspire-server exited with {status}; log:\n{}",
+                    log.lock().expect("log").join("\n")
+                );
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "aspire-server did not listen on {addr}");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "aspire-server did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Server { child, addr, log }
@@ -108,13 +120,19 @@ impl Server {
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "aspire-server ignored SIGTERM");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "aspire-server ignored SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -144,7 +162,9 @@ impl Server {
             let mut client = client.clone();
             async move {
                 let resp = client
-                    .get_model_status(GetModelStatusRequest { model_spec: Some(spec(model, None)) })
+                    .get_model_status(GetModelStatusRequest {
+                        model_spec: Some(spec(model, None)),
+                    })
                     .await
                     .ok()?;
                 resp.into_inner()

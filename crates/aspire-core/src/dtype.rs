@@ -119,7 +119,9 @@ impl fmt::Display for DType {
 
 /// A type name that is not one Aspire serves.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dtype {0:?}: use one of float32, float64, float16, bfloat16, int8, int16, int32, int64, uint8, bool (or DT_FLOAT, ...)")]
+#[error(
+    "unknown dtype {0:?}: use one of float32, float64, float16, bfloat16, int8, int16, int32, int64, uint8, bool (or DT_FLOAT, ...)"
+)]
 pub struct UnknownDType(pub String);
 
 impl FromStr for DType {
@@ -129,11 +131,15 @@ impl FromStr for DType {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
         let found = match lower.as_str() {
-            "float" | "double" => Some(if lower == "float" { DType::F32 } else { DType::F64 }),
-            "half" => Some(DType::F16),
-            _ => Self::ALL.into_iter().find(|d| {
-                d.short_name() == lower || d.tf_name().eq_ignore_ascii_case(&lower)
+            "float" | "double" => Some(if lower == "float" {
+                DType::F32
+            } else {
+                DType::F64
             }),
+            "half" => Some(DType::F16),
+            _ => Self::ALL
+                .into_iter()
+                .find(|d| d.short_name() == lower || d.tf_name().eq_ignore_ascii_case(&lower)),
         };
         found.ok_or_else(|| UnknownDType(s.to_string()))
     }

@@ -170,8 +170,14 @@ mod tests {
             Some(ParsedKey::Unknown(why)) => assert!(why.contains("pinned"), "{why}"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(s.parse("/aspire/model/mnist/pinned"), Some(ParsedKey::Unknown(_))));
-        assert!(matches!(s.parse("/aspire/workers/"), Some(ParsedKey::Unknown(_))));
+        assert!(matches!(
+            s.parse("/aspire/model/mnist/pinned"),
+            Some(ParsedKey::Unknown(_))
+        ));
+        assert!(matches!(
+            s.parse("/aspire/workers/"),
+            Some(ParsedKey::Unknown(_))
+        ));
         assert_eq!(s.parse("/other/models/mnist/pinned"), None);
         assert_eq!(s.parse("/aspirex/models/mnist/pinned"), None);
     }

@@ -13,8 +13,8 @@ pub mod version_policy;
 pub use dtype::DType;
 pub use model::{ModelName, Version};
 pub use records::{
-    AspiredVersions, AvailableVersion, AvailableVersions, ClusterState, Desired, DesiredSource, ModelState,
-    VersionState, VersionStatus, WorkerRecord,
+    AspiredVersions, AvailableVersion, AvailableVersions, ClusterState, Desired, DesiredSource,
+    ModelState, VersionState, VersionStatus, WorkerRecord,
 };
 pub use signature::{Signature, SignatureMap, TensorSpec};
 pub use version_policy::VersionPolicy;

@@ -72,9 +72,7 @@ impl From<ModelName> for String {
 }
 
 /// A model version: a positive integer, the name of its directory in storage.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Version(u64);
 
@@ -118,7 +116,9 @@ impl FromStr for Version {
     type Err = InvalidVersion;
     /// Parses a directory name or key value: decimal digits only, no sign, no spaces.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || InvalidVersion { text: s.to_string() };
+        let err = || InvalidVersion {
+            text: s.to_string(),
+        };
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err());
         }
@@ -154,7 +154,16 @@ mod tests {
     fn versions_parse_only_positive_decimal() {
         assert_eq!("12".parse::<Version>().unwrap().get(), 12);
         assert_eq!("007".parse::<Version>().unwrap().get(), 7);
-        for bad in ["0", "-1", "+1", " 1", "1.0", "abc", "", "99999999999999999999"] {
+        for bad in [
+            "0",
+            "-1",
+            "+1",
+            " 1",
+            "1.0",
+            "abc",
+            "",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<Version>().is_err(), "{bad:?} accepted");
         }
         assert_eq!(Version::from_i64(-3), None);

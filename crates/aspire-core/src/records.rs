@@ -201,8 +201,14 @@ pub fn parse_pin(raw: &str, available: Option<&AvailableVersions>) -> Result<Vec
     }
     versions.sort_unstable();
     versions.dedup();
-    let known = available.map(AvailableVersions::numbers).unwrap_or_default();
-    let missing: Vec<Version> = versions.iter().copied().filter(|v| !known.contains(v)).collect();
+    let known = available
+        .map(AvailableVersions::numbers)
+        .unwrap_or_default();
+    let missing: Vec<Version> = versions
+        .iter()
+        .copied()
+        .filter(|v| !known.contains(v))
+        .collect();
     if !missing.is_empty() {
         return Err(format!(
             "pinned version(s) {} not available; available: {}",
@@ -247,8 +253,8 @@ impl ClusterState {
             },
             ParsedKey::Model(model, which) => {
                 let entry = self.models.entry(model.clone()).or_default();
-                let result = apply_model_key(entry, which, value)
-                    .map_err(|e| format!("key {key:?}: {e}"));
+                let result =
+                    apply_model_key(entry, which, value).map_err(|e| format!("key {key:?}: {e}"));
                 if entry.is_empty() {
                     self.models.remove(&model);
                 }
@@ -272,11 +278,14 @@ impl ClusterState {
 
     /// The desired versions of `model` (empty when unknown).
     pub fn desired(&self, model: &ModelName) -> Desired {
-        self.models.get(model).map(ModelState::desired).unwrap_or(Desired {
-            versions: Vec::new(),
-            source: DesiredSource::Aspired,
-            pin_problem: None,
-        })
+        self.models
+            .get(model)
+            .map(ModelState::desired)
+            .unwrap_or(Desired {
+                versions: Vec::new(),
+                source: DesiredSource::Aspired,
+                pin_problem: None,
+            })
     }
 }
 
@@ -296,7 +305,8 @@ fn apply_model_key(
             entry.aspired = Some(serde_json::from_slice(b).map_err(|e| format!("bad JSON: {e}"))?)
         }
         (ModelKey::Pinned, Some(b)) => {
-            let text = std::str::from_utf8(b).map_err(|_| "pinned value is not UTF-8".to_string())?;
+            let text =
+                std::str::from_utf8(b).map_err(|_| "pinned value is not UTF-8".to_string())?;
             entry.pinned = Some(text.to_string());
         }
     }
@@ -330,8 +340,16 @@ mod tests {
         let s = KeySchema::default();
         let mut st = ClusterState::default();
         let m = ModelName::new("mnist").unwrap();
-        st.apply(&s, "/aspire/models/mnist/available", Some(&available(&[1, 2])));
-        st.apply(&s, "/aspire/models/mnist/aspired", Some(br#"{"versions":[2]}"#));
+        st.apply(
+            &s,
+            "/aspire/models/mnist/available",
+            Some(&available(&[1, 2])),
+        );
+        st.apply(
+            &s,
+            "/aspire/models/mnist/aspired",
+            Some(br#"{"versions":[2]}"#),
+        );
         assert_eq!(st.desired(&m).versions, vec![v(2)]);
 
         st.apply(&s, "/aspire/models/mnist/pinned", Some(b"1"));
@@ -355,7 +373,11 @@ mod tests {
         let s = KeySchema::default();
         let mut st = ClusterState::default();
         let m = ModelName::new("mnist").unwrap();
-        st.apply(&s, "/aspire/models/mnist/aspired", Some(br#"{"versions":[2]}"#));
+        st.apply(
+            &s,
+            "/aspire/models/mnist/aspired",
+            Some(br#"{"versions":[2]}"#),
+        );
         st.apply(&s, "/aspire/models/mnist/aspired", Some(b"{nope"));
         assert_eq!(st.desired(&m).versions, vec![v(2)]);
         assert!(st.problems.contains_key("/aspire/models/mnist/aspired"));
@@ -379,12 +401,28 @@ mod tests {
             models: BTreeMap::from([(
                 m.clone(),
                 BTreeMap::from([
-                    (v(1), VersionStatus { state: VersionState::Available, error: None }),
-                    (v(2), VersionStatus { state: VersionState::Loading, error: None }),
+                    (
+                        v(1),
+                        VersionStatus {
+                            state: VersionState::Available,
+                            error: None,
+                        },
+                    ),
+                    (
+                        v(2),
+                        VersionStatus {
+                            state: VersionState::Loading,
+                            error: None,
+                        },
+                    ),
                 ]),
             )]),
         };
-        st.apply(&s, "/aspire/workers/w1", Some(&serde_json::to_vec(&rec).unwrap()));
+        st.apply(
+            &s,
+            "/aspire/workers/w1",
+            Some(&serde_json::to_vec(&rec).unwrap()),
+        );
         assert_eq!(st.workers["w1"].available_versions(&m), vec![v(1)]);
         let json = String::from_utf8(serde_json::to_vec(&rec).unwrap()).unwrap();
         assert!(json.contains("\"AVAILABLE\""), "{json}");

@@ -174,7 +174,8 @@ impl SignatureMap {
             return Err("signature.json: \"signatures\" is empty".to_string());
         }
         for (name, sig) in &map.signatures {
-            sig.validate(name).map_err(|e| format!("signature.json: {e}"))?;
+            sig.validate(name)
+                .map_err(|e| format!("signature.json: {e}"))?;
         }
         Ok(map)
     }
@@ -202,7 +203,11 @@ impl SignatureMap {
     pub fn resolve(&self, requested: &str) -> Result<(&str, &Signature), String> {
         let wanted = if requested.is_empty() {
             if self.signatures.len() == 1 && !self.signatures.contains_key(DEFAULT_SIGNATURE) {
-                self.signatures.keys().next().map(String::as_str).unwrap_or(DEFAULT_SIGNATURE)
+                self.signatures
+                    .keys()
+                    .next()
+                    .map(String::as_str)
+                    .unwrap_or(DEFAULT_SIGNATURE)
             } else {
                 DEFAULT_SIGNATURE
             }
@@ -247,11 +252,26 @@ mod tests {
     fn rejects_bad_signatures() {
         for (bad, needle) in [
             (r#"{"signatures": {}}"#, "empty"),
-            (r#"{"signatures": {"s": {"inputs": [], "outputs": [{"name":"o","dtype":"float32"}]}}}"#, "at least one"),
-            (r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"float32","shape":[3,4]}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#, "batch dimension"),
-            (r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"complex"}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#, "unknown dtype"),
-            (r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"float32","shap":[-1]}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#, "shap"),
-            (r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"float32"},{"name":"i","dtype":"float32"}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#, "unique"),
+            (
+                r#"{"signatures": {"s": {"inputs": [], "outputs": [{"name":"o","dtype":"float32"}]}}}"#,
+                "at least one",
+            ),
+            (
+                r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"float32","shape":[3,4]}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#,
+                "batch dimension",
+            ),
+            (
+                r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"complex"}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#,
+                "unknown dtype",
+            ),
+            (
+                r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"float32","shap":[-1]}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#,
+                "shap",
+            ),
+            (
+                r#"{"signatures": {"s": {"inputs": [{"name":"i","dtype":"float32"},{"name":"i","dtype":"float32"}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#,
+                "unique",
+            ),
             ("not json", "signature.json"),
         ] {
             let err = SignatureMap::from_json(bad.as_bytes()).unwrap_err();
@@ -269,7 +289,11 @@ mod tests {
             err,
             "input 'images' has shape [1, 783]; the signature expects [-1, 784]"
         );
-        assert!(spec.check(DType::F64, &[1, 784]).unwrap_err().contains("DT_DOUBLE"));
+        assert!(
+            spec.check(DType::F64, &[1, 784])
+                .unwrap_err()
+                .contains("DT_DOUBLE")
+        );
         assert_eq!(spec.concrete_shape(8), Some(vec![8, 784]));
     }
 }

@@ -45,7 +45,11 @@ pub struct ClientOptions {
     )]
     pub num_tests: usize,
     /// The server's gRPC address, `host:port` or a `http://` URI.
-    #[arg(long, env = "ASPIRE_MNIST_CLIENT_SERVER", default_value = "localhost:8500")]
+    #[arg(
+        long,
+        env = "ASPIRE_MNIST_CLIENT_SERVER",
+        default_value = "localhost:8500"
+    )]
     pub server: String,
     /// Requests in flight at once.
     #[arg(long, env = "ASPIRE_MNIST_CLIENT_CONCURRENCY", default_value_t = 1)]

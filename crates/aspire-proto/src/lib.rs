@@ -29,7 +29,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/descriptor_set.bin"));
 
 /// Type URL of `SignatureDefMap` inside `google.protobuf.Any`, as TensorFlow Serving sets it.
-pub const SIGNATURE_DEF_MAP_TYPE_URL: &str = "type.googleapis.com/tensorflow.serving.SignatureDefMap";
+pub const SIGNATURE_DEF_MAP_TYPE_URL: &str =
+    "type.googleapis.com/tensorflow.serving.SignatureDefMap";
 
 /// Parses a text-format protobuf message (TensorFlow Serving's config files) into `T`.
 ///
@@ -43,8 +44,8 @@ pub fn parse_text_format<T: prost::Message + Default>(
     let desc = pool
         .get_message_by_name(full_name)
         .ok_or_else(|| format!("unknown message {full_name}"))?;
-    let msg = prost_reflect::DynamicMessage::parse_text_format(desc, text)
-        .map_err(|e| e.to_string())?;
+    let msg =
+        prost_reflect::DynamicMessage::parse_text_format(desc, text).map_err(|e| e.to_string())?;
     msg.transcode_to::<T>().map_err(|e| e.to_string())
 }
 

@@ -57,7 +57,10 @@ pub async fn wait_for(
     .await;
     match result {
         Ok(state) => state,
-        Err(_) => panic!("timed out waiting for {what}; last state: {:#?}", rx.borrow()),
+        Err(_) => panic!(
+            "timed out waiting for {what}; last state: {:#?}",
+            rx.borrow()
+        ),
     }
 }
 
@@ -84,12 +87,21 @@ fn available(nums: &[u64]) -> AvailableVersions {
 
 async fn models_round_trip(r: Arc<dyn Registry>) {
     let m = model("mnist");
-    r.put_available(&m, &available(&[1, 2])).await.expect("put available");
-    r.put_aspired(&m, &AspiredVersions { versions: vec![ver(2)] })
+    r.put_available(&m, &available(&[1, 2]))
         .await
-        .expect("put aspired");
+        .expect("put available");
+    r.put_aspired(
+        &m,
+        &AspiredVersions {
+            versions: vec![ver(2)],
+        },
+    )
+    .await
+    .expect("put aspired");
     let state = wait_for(&*r, "available and aspired of mnist", |s| {
-        s.models.get(&m).is_some_and(|ms| ms.aspired.is_some() && ms.available.is_some())
+        s.models
+            .get(&m)
+            .is_some_and(|ms| ms.aspired.is_some() && ms.available.is_some())
     })
     .await;
     assert_eq!(state.models[&m].available, Some(available(&[1, 2])));
@@ -100,9 +112,14 @@ async fn models_round_trip(r: Arc<dyn Registry>) {
     assert_eq!(fresh.models, state.models);
 
     // An update replaces the value.
-    r.put_aspired(&m, &AspiredVersions { versions: vec![ver(1), ver(2)] })
-        .await
-        .expect("update aspired");
+    r.put_aspired(
+        &m,
+        &AspiredVersions {
+            versions: vec![ver(1), ver(2)],
+        },
+    )
+    .await
+    .expect("update aspired");
     wait_for(&*r, "aspired [1, 2]", |s| {
         s.desired(&m).versions == vec![ver(1), ver(2)]
     })
@@ -111,17 +128,30 @@ async fn models_round_trip(r: Arc<dyn Registry>) {
 
 async fn pins(r: Arc<dyn Registry>) {
     let m = model("mnist");
-    r.put_available(&m, &available(&[1, 2])).await.expect("put available");
-    r.put_aspired(&m, &AspiredVersions { versions: vec![ver(2)] })
+    r.put_available(&m, &available(&[1, 2]))
         .await
-        .expect("put aspired");
+        .expect("put available");
+    r.put_aspired(
+        &m,
+        &AspiredVersions {
+            versions: vec![ver(2)],
+        },
+    )
+    .await
+    .expect("put aspired");
     r.set_pinned(&m, Some("1")).await.expect("pin");
-    let s = wait_for(&*r, "pin to 1", |s| s.desired(&m).source == DesiredSource::Pinned).await;
+    let s = wait_for(&*r, "pin to 1", |s| {
+        s.desired(&m).source == DesiredSource::Pinned
+    })
+    .await;
     assert_eq!(s.desired(&m).versions, vec![ver(1)]);
 
     // A pin to a version that is not available is ignored as a whole, with a reason.
     r.set_pinned(&m, Some("1,7")).await.expect("pin");
-    let s = wait_for(&*r, "bad pin ignored", |s| s.desired(&m).pin_problem.is_some()).await;
+    let s = wait_for(&*r, "bad pin ignored", |s| {
+        s.desired(&m).pin_problem.is_some()
+    })
+    .await;
     let d = s.desired(&m);
     assert_eq!(d.versions, vec![ver(2)]);
     assert!(d.pin_problem.unwrap_or_default().contains('7'));
@@ -136,18 +166,29 @@ async fn pins(r: Arc<dyn Registry>) {
 
 async fn remove_model_keeps_pin(r: Arc<dyn Registry>) {
     let m = model("gone");
-    r.put_available(&m, &available(&[3])).await.expect("put available");
-    r.put_aspired(&m, &AspiredVersions { versions: vec![ver(3)] })
+    r.put_available(&m, &available(&[3]))
         .await
-        .expect("put aspired");
+        .expect("put available");
+    r.put_aspired(
+        &m,
+        &AspiredVersions {
+            versions: vec![ver(3)],
+        },
+    )
+    .await
+    .expect("put aspired");
     r.set_pinned(&m, Some("3")).await.expect("pin");
     wait_for(&*r, "model written", |s| {
-        s.models.get(&m).is_some_and(|ms| ms.pinned.is_some() && ms.aspired.is_some())
+        s.models
+            .get(&m)
+            .is_some_and(|ms| ms.pinned.is_some() && ms.aspired.is_some())
     })
     .await;
     r.remove_model(&m).await.expect("remove");
     let s = wait_for(&*r, "model removed", |s| {
-        s.models.get(&m).is_some_and(|ms| ms.aspired.is_none() && ms.available.is_none())
+        s.models
+            .get(&m)
+            .is_some_and(|ms| ms.aspired.is_none() && ms.available.is_none())
     })
     .await;
     assert_eq!(s.models[&m].pinned.as_deref(), Some("3"));
@@ -164,18 +205,30 @@ async fn workers(r: Arc<dyn Registry>) {
     };
     rec.models.insert(
         m.clone(),
-        [(ver(1), VersionStatus { state: VersionState::Loading, error: None })].into(),
+        [(
+            ver(1),
+            VersionStatus {
+                state: VersionState::Loading,
+                error: None,
+            },
+        )]
+        .into(),
     );
     r.put_worker("w1", &rec).await.expect("register");
     wait_for(&*r, "w1 registered", |s| s.workers.contains_key("w1")).await;
 
     rec.models.get_mut(&m).expect("model").insert(
         ver(1),
-        VersionStatus { state: VersionState::Available, error: None },
+        VersionStatus {
+            state: VersionState::Available,
+            error: None,
+        },
     );
     r.put_worker("w1", &rec).await.expect("update");
     let s = wait_for(&*r, "w1 has v1 available", |s| {
-        s.workers.get("w1").is_some_and(|w| w.available_versions(&m) == vec![ver(1)])
+        s.workers
+            .get("w1")
+            .is_some_and(|w| w.available_versions(&m) == vec![ver(1)])
     })
     .await;
     assert_eq!(s.workers["w1"], rec);
@@ -189,15 +242,22 @@ async fn bad_keys_are_reported(r: Arc<dyn Registry>) {
     let pined = format!("{}/models/mnist/pined", r.schema().prefix());
     r.put_raw(&pined, Some(b"1")).await.expect("raw put");
     let bad_json = format!("{}/models/mnist/aspired", r.schema().prefix());
-    r.put_raw(&bad_json, Some(b"{not json")).await.expect("raw put");
+    r.put_raw(&bad_json, Some(b"{not json"))
+        .await
+        .expect("raw put");
     let s = wait_for(&*r, "two problems", |s| s.problems.len() == 2).await;
     assert!(s.problems[&pined].contains("pinned"), "{:?}", s.problems);
     assert!(s.desired(&m).versions.is_empty());
 
     // A good value clears the problem.
-    r.put_aspired(&m, &AspiredVersions { versions: vec![ver(4)] })
-        .await
-        .expect("put aspired");
+    r.put_aspired(
+        &m,
+        &AspiredVersions {
+            versions: vec![ver(4)],
+        },
+    )
+    .await
+    .expect("put aspired");
     let s = wait_for(&*r, "problem cleared", |s| s.problems.len() == 1).await;
     assert_eq!(s.desired(&m).versions, vec![ver(4)]);
     r.put_raw(&pined, None).await.expect("raw delete");

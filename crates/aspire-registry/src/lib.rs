@@ -12,8 +12,8 @@ mod memory;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use aspire_core::{AspiredVersions, AvailableVersions, ClusterState, ModelName, WorkerRecord};
+use async_trait::async_trait;
 use tokio::sync::watch;
 
 pub use memory::MemoryRegistry;

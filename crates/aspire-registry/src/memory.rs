@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use async_trait::async_trait;
 use aspire_core::keys::{KeySchema, ModelKey};
 use aspire_core::{AspiredVersions, AvailableVersions, ClusterState, ModelName, WorkerRecord};
+use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::{Registry, Result, encode_json};
@@ -60,12 +60,18 @@ impl MemoryRegistry {
 #[async_trait]
 impl Registry for MemoryRegistry {
     async fn put_available(&self, model: &ModelName, value: &AvailableVersions) -> Result<()> {
-        self.write(self.schema.model_key(model, ModelKey::Available), Some(encode_json(value)?));
+        self.write(
+            self.schema.model_key(model, ModelKey::Available),
+            Some(encode_json(value)?),
+        );
         Ok(())
     }
 
     async fn put_aspired(&self, model: &ModelName, value: &AspiredVersions) -> Result<()> {
-        self.write(self.schema.model_key(model, ModelKey::Aspired), Some(encode_json(value)?));
+        self.write(
+            self.schema.model_key(model, ModelKey::Aspired),
+            Some(encode_json(value)?),
+        );
         Ok(())
     }
 
@@ -82,7 +88,10 @@ impl Registry for MemoryRegistry {
     }
 
     async fn put_worker(&self, worker_id: &str, record: &WorkerRecord) -> Result<()> {
-        self.write(self.schema.worker_key(worker_id), Some(encode_json(record)?));
+        self.write(
+            self.schema.worker_key(worker_id),
+            Some(encode_json(record)?),
+        );
         Ok(())
     }
 

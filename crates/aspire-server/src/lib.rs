@@ -38,7 +38,11 @@ pub enum EncodingArg {
 
 /// `aspire-server`'s flags.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "aspire-server", version, about = "Serve TorchScript models with TensorFlow Serving's gRPC API, in one process")]
+#[command(
+    name = "aspire-server",
+    version,
+    about = "Serve TorchScript models with TensorFlow Serving's gRPC API, in one process"
+)]
 pub struct Config {
     /// gRPC port.
     #[arg(long, env = "ASPIRE_PORT", default_value_t = 8500)]
@@ -47,22 +51,43 @@ pub struct Config {
     #[arg(long, env = "ASPIRE_HOST", default_value = "0.0.0.0")]
     pub host: String,
     /// Name of the one model to serve (with --model_base_path).
-    #[arg(long = "model_name", visible_alias = "model-name", env = "ASPIRE_MODEL_NAME", default_value = "default")]
+    #[arg(
+        long = "model_name",
+        visible_alias = "model-name",
+        env = "ASPIRE_MODEL_NAME",
+        default_value = "default"
+    )]
     pub model_name: String,
     /// Where its numbered versions are: a directory, file://, s3://, gs:// or az:// URL.
-    #[arg(long = "model_base_path", visible_alias = "model-base-path", env = "ASPIRE_MODEL_BASE_PATH")]
+    #[arg(
+        long = "model_base_path",
+        visible_alias = "model-base-path",
+        env = "ASPIRE_MODEL_BASE_PATH"
+    )]
     pub model_base_path: Option<String>,
     /// TensorFlow Serving's text-format ModelServerConfig, for several models.
-    #[arg(long = "model_config_file", visible_alias = "model-config-file", env = "ASPIRE_MODEL_CONFIG_FILE",
-          conflicts_with = "model_base_path")]
+    #[arg(
+        long = "model_config_file",
+        visible_alias = "model-config-file",
+        env = "ASPIRE_MODEL_CONFIG_FILE",
+        conflicts_with = "model_base_path"
+    )]
     pub model_config_file: Option<PathBuf>,
     /// Re-read --model_config_file every N seconds (0: read once).
-    #[arg(long = "model_config_file_poll_wait_seconds", visible_alias = "model-config-file-poll-wait-seconds",
-          env = "ASPIRE_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS", default_value_t = 0)]
+    #[arg(
+        long = "model_config_file_poll_wait_seconds",
+        visible_alias = "model-config-file-poll-wait-seconds",
+        env = "ASPIRE_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS",
+        default_value_t = 0
+    )]
     pub model_config_file_poll_wait_seconds: u64,
     /// Poll storage for new versions every N seconds (0: once at startup).
-    #[arg(long = "file_system_poll_wait_seconds", visible_alias = "file-system-poll-wait-seconds",
-          env = "ASPIRE_FILE_SYSTEM_POLL_WAIT_SECONDS", default_value_t = 1)]
+    #[arg(
+        long = "file_system_poll_wait_seconds",
+        visible_alias = "file-system-poll-wait-seconds",
+        env = "ASPIRE_FILE_SYSTEM_POLL_WAIT_SECONDS",
+        default_value_t = 1
+    )]
     pub file_system_poll_wait_seconds: u64,
     /// Batching.
     #[command(flatten)]
@@ -72,7 +97,11 @@ pub struct Config {
     pub runtime: RuntimeArgs,
     /// Worker threads of the async runtime that serves gRPC [default: the CPUs this
     /// process may use].
-    #[arg(long = "runtime-worker-threads", visible_alias = "runtime_worker_threads", env = "ASPIRE_RUNTIME_WORKER_THREADS")]
+    #[arg(
+        long = "runtime-worker-threads",
+        visible_alias = "runtime_worker_threads",
+        env = "ASPIRE_RUNTIME_WORKER_THREADS"
+    )]
     pub runtime_worker_threads: Option<usize>,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long = "max-message-size-bytes", visible_alias = "max_message_size_bytes", env = "ASPIRE_MAX_MESSAGE_SIZE_BYTES",
@@ -84,14 +113,20 @@ pub struct Config {
     pub output_encoding: EncodingArg,
     /// Local directory model versions are copied into before loading [default: a new
     /// directory under the system's temp dir].
-    #[arg(long = "cache-dir", visible_alias = "cache_dir", env = "ASPIRE_CACHE_DIR")]
+    #[arg(
+        long = "cache-dir",
+        visible_alias = "cache_dir",
+        env = "ASPIRE_CACHE_DIR"
+    )]
     pub cache_dir: Option<PathBuf>,
 }
 
 impl Config {
     /// Threads for the async runtime.
     pub fn runtime_threads(&self) -> usize {
-        self.runtime_worker_threads.unwrap_or_else(available_cpus).max(1)
+        self.runtime_worker_threads
+            .unwrap_or_else(available_cpus)
+            .max(1)
     }
 
     /// The models to serve, from the flags or the config file.
@@ -141,7 +176,11 @@ pub async fn run(
     let local = listener.local_addr()?;
     let cache_dir = match &config.cache_dir {
         Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("aspire-server-{}-{}", std::process::id(), local.port())),
+        None => std::env::temp_dir().join(format!(
+            "aspire-server-{}-{}",
+            std::process::id(),
+            local.port()
+        )),
     };
     tracing::info!(
         address = %local, device = %device_name, batching = ?batching,
@@ -160,15 +199,29 @@ pub async fn run(
         load_retry_initial: Duration::from_secs(1),
         load_retry_max: Duration::from_secs(60),
     };
-    let (manager, manager_task) = VersionManager::start(manager_config, device_name, registry.clone());
+    let (manager, manager_task) =
+        VersionManager::start(manager_config, device_name, registry.clone());
 
     let stop = CancellationToken::new();
     let poller = StoragePoller::new(models);
     let poll_interval = Duration::from_secs(config.file_system_poll_wait_seconds);
-    let reload = config.model_config_file.clone().filter(|_| config.model_config_file_poll_wait_seconds > 0).map(|path| {
-        reload_model_config(path, Duration::from_secs(config.model_config_file_poll_wait_seconds), poller.handle(), stop.clone())
-    });
-    let poller_task = tokio::spawn(poller.run(registry.clone(), poll_interval, stop.clone().cancelled_owned()));
+    let reload = config
+        .model_config_file
+        .clone()
+        .filter(|_| config.model_config_file_poll_wait_seconds > 0)
+        .map(|path| {
+            reload_model_config(
+                path,
+                Duration::from_secs(config.model_config_file_poll_wait_seconds),
+                poller.handle(),
+                stop.clone(),
+            )
+        });
+    let poller_task = tokio::spawn(poller.run(
+        registry.clone(),
+        poll_interval,
+        stop.clone().cancelled_owned(),
+    ));
     let reload_task = reload.map(tokio::spawn);
 
     let encoding = match config.output_encoding {
@@ -176,7 +229,14 @@ pub async fn run(
         EncodingArg::TensorContent => OutputEncoding::TensorContent,
     };
     let api = ServingApi::new(manager.clone(), encoding);
-    let served = serve(api, manager.ready(), listener, config.max_message_size_bytes, shutdown).await;
+    let served = serve(
+        api,
+        manager.ready(),
+        listener,
+        config.max_message_size_bytes,
+        shutdown,
+    )
+    .await;
     tracing::info!("stopped taking requests; unloading models");
     stop.cancel();
     manager.shutdown();
@@ -193,7 +253,12 @@ pub async fn run(
 
 /// Re-reads the model config file every `every`; a file that fails to parse keeps the
 /// models as they are (and says why).
-async fn reload_model_config(path: PathBuf, every: Duration, handle: ModelsHandle, stop: CancellationToken) {
+async fn reload_model_config(
+    path: PathBuf,
+    every: Duration,
+    handle: ModelsHandle,
+    stop: CancellationToken,
+) {
     let mut last: Option<Vec<ModelConfig>> = None;
     loop {
         tokio::select! {

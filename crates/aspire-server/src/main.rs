@@ -8,11 +8,15 @@ fn main() -> anyhow::Result<()> {
     let (args, unimplemented) = tf_flags::strip_unimplemented(std::env::args_os().collect());
     let config = Config::parse_from(args);
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     for flag in unimplemented {
-        tracing::warn!("{flag}: this TensorFlow Serving flag is not implemented by aspire-server yet; ignoring it");
+        tracing::warn!(
+            "{flag}: this TensorFlow Serving flag is not implemented by aspire-server yet; ignoring it"
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.runtime_threads())

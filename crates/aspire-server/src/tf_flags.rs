@@ -68,7 +68,10 @@ pub fn strip_unimplemented(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) 
             kept.push(arg);
             continue;
         };
-        let Some(flag) = text.strip_prefix("--").or_else(|| text.strip_prefix('-').filter(|f| f.len() > 1)) else {
+        let Some(flag) = text
+            .strip_prefix("--")
+            .or_else(|| text.strip_prefix('-').filter(|f| f.len() > 1))
+        else {
             kept.push(arg);
             continue;
         };
@@ -77,7 +80,8 @@ pub fn strip_unimplemented(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) 
             None => (flag.replace('-', "_"), None),
         };
         // `--version` is Aspire's own when it stands alone.
-        if !UNIMPLEMENTED.contains(&name.as_str()) || (name == "version" && inline_value.is_none()) {
+        if !UNIMPLEMENTED.contains(&name.as_str()) || (name == "version" && inline_value.is_none())
+        {
             kept.push(arg);
             continue;
         }
@@ -117,7 +121,10 @@ mod tests {
             "-monitoring_config_file",
             "/etc/mon.txt",
         ]));
-        assert_eq!(kept, os(&["aspire-server", "--port=9000", "--model_name=mnist"]));
+        assert_eq!(
+            kept,
+            os(&["aspire-server", "--port=9000", "--model_name=mnist"])
+        );
         assert_eq!(
             dropped,
             vec![

@@ -143,8 +143,8 @@ impl Batcher {
     ) -> Result<Vec<HostTensor>, BatchError> {
         let rows = check_inputs(&signature, &inputs).map_err(BatchError::Model)?;
         let config = &self.shared.config;
-        // Without batching there is no batch to overflow, as in TF Serving.
-        if config.enabled && rows > config.max_batch_size {
+        // Also with batching off: `max_batch_size` then bounds one request's rows.
+        if rows > config.max_batch_size {
             return Err(BatchError::TooLarge {
                 rows,
                 max: config.max_batch_size,
@@ -277,6 +277,7 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
+    use crate::tensor::numel;
 
     type Reply = Result<Vec<HostTensor>, BatchError>;
     type Pending<'a> = Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
@@ -396,8 +397,6 @@ mod tests {
             ])
         }
     }
-
-    use crate::tensor::numel;
 
     fn spec(name: &str) -> TensorSpec {
         TensorSpec {
@@ -803,13 +802,17 @@ mod tests {
     async fn disabled_batching_runs_each_request_alone() {
         let config = BatchConfig {
             enabled: false,
-            ..config(2)
+            ..config(4)
         };
         let (fake, gate, b) = held(config).await;
         let a = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
         let c = enqueue(&b, sig(), vec![tensor(1, 2, 0.0)], None).await;
-        // Larger than max_batch_size: without batching there is no batch to overflow.
         let big = enqueue(&b, sig(), vec![tensor(3, 2, 0.0)], None).await;
+        // `max_batch_size` still bounds one request.
+        let refused = b
+            .submit(sig(), vec![tensor(5, 2, 0.0)], None)
+            .now_or_never();
+        assert_eq!(refused, Some(Err(BatchError::TooLarge { rows: 5, max: 4 })));
         gate.release();
         for p in [a, c, big] {
             assert!(finish(p).await.is_ok());

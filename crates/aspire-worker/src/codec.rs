@@ -557,29 +557,3 @@ mod tests {
         }
     }
 }
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn float_perf() {
-        let n = 1 << 20;
-        let vals: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
-        let s = TensorSpec { name: "x".into(), dtype: DType::F32, shape: Some(vec![-1, 1024]) };
-        let p = TensorProto { dtype: 1, tensor_shape: Some(TensorShapeProto { dim: vec![Dim { size: 1024, name: String::new() }, Dim { size: 1024, name: String::new() }], unknown_rank: false }), float_val: vals, ..Default::default() };
-        for _ in 0..3 {
-            let t0 = std::time::Instant::now();
-            let mut t = None;
-            for _ in 0..20 { t = Some(decode_input(&s, &p).unwrap()); }
-            let d = t0.elapsed() / 20;
-            let t = t.unwrap();
-            let t1 = std::time::Instant::now();
-            let mut q = None;
-            for _ in 0..20 { q = Some(encode_output(&t, OutputEncoding::Typed)); }
-            let e = t1.elapsed() / 20;
-            assert_eq!(q.unwrap().float_val.len(), n);
-            let gb = (n * 4) as f64 / 1e9;
-            eprintln!("decode {:?} ({:.1} GB/s), encode {:?} ({:.1} GB/s)", d, gb / d.as_secs_f64(), e, gb / e.as_secs_f64());
-        }
-    }
-}

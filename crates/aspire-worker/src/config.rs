@@ -20,22 +20,47 @@ pub struct BatchingArgs {
           num_args = 0..=1, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub enable_batching: bool,
     /// TensorFlow Serving's text-format BatchingParameters file.
-    #[arg(long = "batching_parameters_file", visible_alias = "batching-parameters-file", env = "ASPIRE_BATCHING_PARAMETERS_FILE")]
+    #[arg(
+        long = "batching_parameters_file",
+        visible_alias = "batching-parameters-file",
+        env = "ASPIRE_BATCHING_PARAMETERS_FILE"
+    )]
     pub batching_parameters_file: Option<PathBuf>,
     /// Most rows in one forward pass [default: 32, or the last allowed batch size].
-    #[arg(long = "max-batch-size", visible_alias = "max_batch_size", env = "ASPIRE_MAX_BATCH_SIZE")]
+    #[arg(
+        long = "max-batch-size",
+        visible_alias = "max_batch_size",
+        env = "ASPIRE_MAX_BATCH_SIZE"
+    )]
     pub max_batch_size: Option<usize>,
     /// How long a partial batch waits for more requests, in µs [default: 0: run at once].
-    #[arg(long = "batch-timeout-micros", visible_alias = "batch_timeout_micros", env = "ASPIRE_BATCH_TIMEOUT_MICROS")]
+    #[arg(
+        long = "batch-timeout-micros",
+        visible_alias = "batch_timeout_micros",
+        env = "ASPIRE_BATCH_TIMEOUT_MICROS"
+    )]
     pub batch_timeout_micros: Option<u64>,
     /// Queue capacity per version, in batches [default: 100].
-    #[arg(long = "max-enqueued-batches", visible_alias = "max_enqueued_batches", env = "ASPIRE_MAX_ENQUEUED_BATCHES")]
+    #[arg(
+        long = "max-enqueued-batches",
+        visible_alias = "max_enqueued_batches",
+        env = "ASPIRE_MAX_ENQUEUED_BATCHES"
+    )]
     pub max_enqueued_batches: Option<usize>,
     /// Threads running forward passes per version [default: the CPUs this process may use].
-    #[arg(long = "num-batch-threads", visible_alias = "num_batch_threads", env = "ASPIRE_NUM_BATCH_THREADS")]
+    #[arg(
+        long = "num-batch-threads",
+        visible_alias = "num_batch_threads",
+        env = "ASPIRE_NUM_BATCH_THREADS"
+    )]
     pub num_batch_threads: Option<usize>,
     /// Batch sizes to pad batches to, ascending, comma-separated; the last is the maximum.
-    #[arg(long = "allowed-batch-sizes", visible_alias = "allowed_batch_sizes", env = "ASPIRE_ALLOWED_BATCH_SIZES", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-batch-sizes",
+        visible_alias = "allowed_batch_sizes",
+        env = "ASPIRE_ALLOWED_BATCH_SIZES",
+        value_delimiter = ','
+    )]
     pub allowed_batch_sizes: Option<Vec<usize>>,
 }
 
@@ -54,12 +79,19 @@ impl BatchingArgs {
             file = aspire_proto::parse_text_format("tensorflow.serving.BatchingParameters", &text)
                 .map_err(|e| format!("--batching_parameters_file {}: {e}", path.display()))?;
             if file.pad_variable_length_inputs {
-                tracing::warn!("pad_variable_length_inputs is not supported: only requests whose dimensions past the first match share a batch");
+                tracing::warn!(
+                    "pad_variable_length_inputs is not supported: only requests whose dimensions past the first match share a batch"
+                );
             }
         }
         let positive = |name: &str, v: Option<i64>| -> Result<Option<usize>, String> {
-            v.map(|v| usize::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| format!("{name} must be positive, got {v}")))
-                .transpose()
+            v.map(|v| {
+                usize::try_from(v)
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| format!("{name} must be positive, got {v}"))
+            })
+            .transpose()
         };
         let allowed: Vec<usize> = match &self.allowed_batch_sizes {
             Some(list) => list.clone(),
@@ -70,7 +102,9 @@ impl BatchingArgs {
                 .collect::<Result<_, _>>()?,
         };
         if allowed.iter().any(|v| *v == 0) || allowed.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(format!("allowed batch sizes {allowed:?} must be positive and strictly ascending"));
+            return Err(format!(
+                "allowed batch sizes {allowed:?} must be positive and strictly ascending"
+            ));
         }
         let max = self
             .max_batch_size
@@ -150,12 +184,20 @@ pub struct RuntimeArgs {
     #[arg(long, env = "ASPIRE_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
     /// LibTorch intra-op threads; 0 sizes them to the CPUs this process may use.
-    #[arg(long = "tensorflow_intra_op_parallelism", visible_alias = "tensorflow-intra-op-parallelism",
-          env = "ASPIRE_INTRA_OP_THREADS", default_value_t = 0)]
+    #[arg(
+        long = "tensorflow_intra_op_parallelism",
+        visible_alias = "tensorflow-intra-op-parallelism",
+        env = "ASPIRE_INTRA_OP_THREADS",
+        default_value_t = 0
+    )]
     pub intra_op_threads: usize,
     /// LibTorch inter-op threads; 0 sizes them to the CPUs this process may use.
-    #[arg(long = "tensorflow_inter_op_parallelism", visible_alias = "tensorflow-inter-op-parallelism",
-          env = "ASPIRE_INTER_OP_THREADS", default_value_t = 0)]
+    #[arg(
+        long = "tensorflow_inter_op_parallelism",
+        visible_alias = "tensorflow-inter-op-parallelism",
+        env = "ASPIRE_INTER_OP_THREADS",
+        default_value_t = 0
+    )]
     pub inter_op_threads: usize,
 }
 
@@ -192,8 +234,17 @@ mod tests {
         .unwrap();
         let f = file.to_str().unwrap();
         let c = parse(&["--enable_batching", "--batching_parameters_file", f]).unwrap();
-        assert_eq!((c.max_batch_size, c.batch_timeout, c.num_batch_threads), (64, Duration::from_micros(500), 3));
-        let c = parse(&["--enable_batching=true", &format!("--batching_parameters_file={f}"), "--max-batch-size=8", "--batch_timeout_micros=0"]).unwrap();
+        assert_eq!(
+            (c.max_batch_size, c.batch_timeout, c.num_batch_threads),
+            (64, Duration::from_micros(500), 3)
+        );
+        let c = parse(&[
+            "--enable_batching=true",
+            &format!("--batching_parameters_file={f}"),
+            "--max-batch-size=8",
+            "--batch_timeout_micros=0",
+        ])
+        .unwrap();
         assert_eq!((c.max_batch_size, c.batch_timeout), (8, Duration::ZERO));
         let c = parse(&["--enable-batching=false"]).unwrap();
         assert!(!c.enabled);
@@ -202,9 +253,17 @@ mod tests {
     #[test]
     fn allowed_sizes_must_end_at_the_max() {
         let c = parse(&["--enable_batching", "--allowed-batch-sizes=2,4,8"]).unwrap();
-        assert_eq!((c.max_batch_size, c.allowed_batch_sizes.clone()), (8, vec![2, 4, 8]));
+        assert_eq!(
+            (c.max_batch_size, c.allowed_batch_sizes.clone()),
+            (8, vec![2, 4, 8])
+        );
         assert_eq!(warmup_batch_sizes(&c), vec![2, 4, 8]);
-        let err = parse(&["--enable_batching", "--allowed-batch-sizes=2,4", "--max-batch-size=8"]).unwrap_err();
+        let err = parse(&[
+            "--enable_batching",
+            "--allowed-batch-sizes=2,4",
+            "--max-batch-size=8",
+        ])
+        .unwrap_err();
         assert!(err.contains("must equal"), "{err}");
         assert!(parse(&["--enable_batching", "--allowed-batch-sizes=4,2"]).is_err());
     }
@@ -215,7 +274,10 @@ mod tests {
         let file = dir.path().join("b.txt");
         std::fs::write(&file, "max_batch_sise { value: 3 }").unwrap();
         let err = parse(&["--batching_parameters_file", file.to_str().unwrap()]).unwrap_err();
-        assert!(err.contains("max_batch_sise") && err.contains("b.txt"), "{err}");
+        assert!(
+            err.contains("max_batch_sise") && err.contains("b.txt"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -99,10 +99,19 @@ mod tests {
             s.message(),
             "version 3 is not loaded; available versions of model 'mnist': 1, 2"
         );
-        let full = BatchError::QueueFull { rows: 10, capacity: 10 };
-        assert_eq!(Status::from(WorkerError::from(full)).code(), Code::ResourceExhausted);
+        let full = BatchError::QueueFull {
+            rows: 10,
+            capacity: 10,
+        };
+        assert_eq!(
+            Status::from(WorkerError::from(full)).code(),
+            Code::ResourceExhausted
+        );
         let big = BatchError::TooLarge { rows: 100, max: 32 };
-        assert_eq!(Status::from(WorkerError::from(big)).code(), Code::InvalidArgument);
+        assert_eq!(
+            Status::from(WorkerError::from(big)).code(),
+            Code::InvalidArgument
+        );
         assert_eq!(
             Status::from(WorkerError::from(BatchError::DeadlineExceeded)).code(),
             Code::DeadlineExceeded

@@ -140,7 +140,10 @@ impl TorchModel {
             })
         });
         match outcome {
-            Ok(Err(e)) if e.to_string().contains("is not defined") => {
+            Ok(Err(e))
+                if e.to_string()
+                    .contains(&format!("Method '{method}' is not defined")) =>
+            {
                 Err(format!("the module has no method '{method}'"))
             }
             _ => Ok(()),
@@ -162,8 +165,17 @@ impl TorchModel {
         let rows = inputs.first().map_or(0, HostTensor::rows);
         let mut args = Vec::with_capacity(inputs.len());
         for (spec, t) in sig.inputs.iter().zip(inputs) {
+            spec.check(t.dtype, &t.shape)?;
+            if t.rows() != rows {
+                return Err(format!(
+                    "input '{}' has {} rows and input '{}' has {rows}; all inputs need the same number of rows",
+                    spec.name,
+                    t.rows(),
+                    sig.inputs[0].name
+                ));
+            }
             let tensor =
-                to_torch(t, self.device).map_err(|e| format!("input '{}': {e}", spec.name))?;
+                to_torch(t, self.device).map_err(|e| format!("input '{}' {e}", spec.name))?;
             args.push(IValue::Tensor(tensor));
         }
         let result = tch::no_grad(|| {
@@ -175,6 +187,7 @@ impl TorchModel {
             }
         })
         .map_err(|e| method_error(&sig.method, &e))?;
+        // The inputs' memory can go before the outputs are copied out.
         drop(args);
         let outputs = match_outputs(&sig.outputs, &sig.method, result)?;
         sig.outputs
@@ -240,9 +253,10 @@ thread_local! {
     static APPLIED_OPTIMIZE: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
-/// Turns TorchScript's graph-executor optimizations (profiling, re-specialization for
-/// new input shapes, fusion) on or off for every module run from now on. Off trades some
-/// steady-state speed for no re-optimization stalls at new batch sizes. On by default.
+/// Turns TorchScript's graph-executor optimizations (profiling runs, re-specialization
+/// for new input shapes, fusion) on or off for every module run from now on. Off removes
+/// the optimization stalls of first calls and new batch sizes and gives up fusion (which
+/// matters mostly on GPUs). On by default, as in LibTorch.
 pub fn set_graph_executor_optimize(optimize: bool) {
     GRAPH_EXECUTOR_OPTIMIZE.store(optimize, Ordering::Relaxed);
 }
@@ -300,7 +314,7 @@ fn device_name(device: Device) -> String {
 }
 
 /// The LibTorch kind of each dtype Aspire serves.
-pub fn kind_of(dtype: DType) -> Kind {
+fn kind_of(dtype: DType) -> Kind {
     match dtype {
         DType::F32 => Kind::Float,
         DType::F64 => Kind::Double,
@@ -316,7 +330,7 @@ pub fn kind_of(dtype: DType) -> Kind {
 }
 
 /// The dtype of a LibTorch kind, if Aspire serves it.
-pub fn dtype_of(kind: Kind) -> Option<DType> {
+fn dtype_of(kind: Kind) -> Option<DType> {
     DType::ALL.into_iter().find(|d| kind_of(*d) == kind)
 }
 
@@ -349,11 +363,17 @@ fn to_torch(t: &HostTensor, device: Device) -> Result<Tensor, String> {
         ));
     }
     let cpu = Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype))
-        .map_err(|e| torch_message(&e))?;
+        .map_err(|e| format!("cannot become a LibTorch tensor: {}", torch_message(&e)))?;
     if device == Device::Cpu {
         return Ok(cpu);
     }
-    cpu.f_to_device(device).map_err(|e| torch_message(&e))
+    cpu.f_to_device(device).map_err(|e| {
+        format!(
+            "cannot be copied to {}: {}",
+            device_name(device),
+            torch_message(&e)
+        )
+    })
 }
 
 /// Picks the signature's outputs out of what the method returned: a tensor, a tuple or

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use aspire_core::signature::PREDICT_METHOD_NAME;
 use aspire_core::{ModelName, SignatureMap, TensorSpec, Version};
+use aspire_proto::TensorShapeProto;
 use aspire_proto::serving::model_service_server::ModelService;
 use aspire_proto::serving::prediction_service_server::PredictionService;
 use aspire_proto::serving::{
@@ -17,9 +18,8 @@ use aspire_proto::serving::{
     PredictResponse, RegressionRequest, RegressionResponse, ReloadConfigRequest,
     ReloadConfigResponse, SignatureDefMap, model_spec::VersionChoice,
 };
-use aspire_proto::tensorflow::{SignatureDef, TensorInfo, tensor_info};
-use aspire_proto::TensorShapeProto;
 use aspire_proto::tensorflow::tensor_shape_proto;
+use aspire_proto::tensorflow::{SignatureDef, TensorInfo, tensor_info};
 use prost::Message;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -76,7 +76,11 @@ impl ServingApi {
         }
         if let Some(first) = tensors.first() {
             let rows = first.shape.first().copied();
-            if let Some(bad) = tensors.iter().zip(&sig.inputs).find(|(t, _)| t.shape.first().copied() != rows) {
+            if let Some(bad) = tensors
+                .iter()
+                .zip(&sig.inputs)
+                .find(|(t, _)| t.shape.first().copied() != rows)
+            {
                 return Err(WorkerError::InvalidArgument(format!(
                     "input '{}' has {} rows but input '{}' has {}; all inputs need the same dimension 0",
                     bad.1.name,
@@ -95,10 +99,14 @@ impl ServingApi {
             }
         }
 
-        let submit = lv.batcher.submit(sig.clone(), tensors, deadline.map(Instant::into_std));
+        let submit = lv
+            .batcher
+            .submit(sig.clone(), tensors, deadline.map(Instant::into_std));
         let outputs = match deadline {
             Some(d) => tokio::time::timeout_at(d, submit).await.map_err(|_| {
-                WorkerError::DeadlineExceeded("deadline exceeded before the model ran".into())
+                WorkerError::DeadlineExceeded(
+                    "deadline exceeded while the request was queued or running".into(),
+                )
             })??,
             None => submit.await?,
         };
@@ -106,7 +114,10 @@ impl ServingApi {
         let mut out = HashMap::with_capacity(outputs.len());
         for (spec, tensor) in sig.outputs.iter().zip(outputs) {
             if req.output_filter.is_empty() || req.output_filter.contains(&spec.name) {
-                out.insert(spec.name.clone(), codec::encode_output(&tensor, self.encoding));
+                out.insert(
+                    spec.name.clone(),
+                    codec::encode_output(&tensor, self.encoding),
+                );
             }
         }
         Ok(PredictResponse {
@@ -115,7 +126,10 @@ impl ServingApi {
         })
     }
 
-    fn do_metadata(&self, req: GetModelMetadataRequest) -> Result<GetModelMetadataResponse, WorkerError> {
+    fn do_metadata(
+        &self,
+        req: GetModelMetadataRequest,
+    ) -> Result<GetModelMetadataResponse, WorkerError> {
         let spec = req
             .model_spec
             .ok_or_else(|| WorkerError::InvalidArgument("model_spec is missing".into()))?;
@@ -173,7 +187,9 @@ impl ServingApi {
                 });
             }
         }
-        Ok(GetModelStatusResponse { model_version_status: statuses })
+        Ok(GetModelStatusResponse {
+            model_version_status: statuses,
+        })
     }
 }
 
@@ -202,7 +218,11 @@ fn answer_spec(model: &ModelName, version: Version, signature: &str) -> ModelSpe
 }
 
 fn names(specs: &[TensorSpec]) -> String {
-    specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+    specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The version whose signatures metadata describes: the one asked for, else the default
@@ -243,11 +263,17 @@ pub fn signature_def_map(signatures: &SignatureMap) -> SignatureDefMap {
             Some(dims) => TensorShapeProto {
                 dim: dims
                     .iter()
-                    .map(|d| tensor_shape_proto::Dim { size: *d, name: String::new() })
+                    .map(|d| tensor_shape_proto::Dim {
+                        size: *d,
+                        name: String::new(),
+                    })
                     .collect(),
                 unknown_rank: false,
             },
-            None => TensorShapeProto { dim: vec![], unknown_rank: true },
+            None => TensorShapeProto {
+                dim: vec![],
+                unknown_rank: true,
+            },
         }),
     };
     SignatureDefMap {
@@ -256,8 +282,16 @@ pub fn signature_def_map(signatures: &SignatureMap) -> SignatureDefMap {
             .iter()
             .map(|(name, sig)| {
                 let def = SignatureDef {
-                    inputs: sig.inputs.iter().map(|t| (t.name.clone(), info(t))).collect(),
-                    outputs: sig.outputs.iter().map(|t| (t.name.clone(), info(t))).collect(),
+                    inputs: sig
+                        .inputs
+                        .iter()
+                        .map(|t| (t.name.clone(), info(t)))
+                        .collect(),
+                    outputs: sig
+                        .outputs
+                        .iter()
+                        .map(|t| (t.name.clone(), info(t)))
+                        .collect(),
                     method_name: PREDICT_METHOD_NAME.to_string(),
                     defaults: HashMap::new(),
                 };
@@ -311,7 +345,10 @@ impl PredictionService for ServingApi {
         Err(WorkerError::Unimplemented(TF_EXAMPLE_METHODS.into()).into())
     }
 
-    async fn predict(&self, req: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
+    async fn predict(
+        &self,
+        req: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
         let deadline = request_deadline(&req);
         let resp = self.do_predict(req.into_inner(), deadline).await?;
         Ok(Response::new(resp))
@@ -381,7 +418,14 @@ mod tests {
         let def = &map.signature_def["predict_images"];
         let input = &def.inputs["images"];
         assert_eq!(input.dtype, 1);
-        let dims: Vec<i64> = input.tensor_shape.as_ref().unwrap().dim.iter().map(|d| d.size).collect();
+        let dims: Vec<i64> = input
+            .tensor_shape
+            .as_ref()
+            .unwrap()
+            .dim
+            .iter()
+            .map(|d| d.size)
+            .collect();
         assert_eq!(dims, vec![-1, 784]);
         assert_eq!(def.outputs["scores"].dtype, 1);
         assert_eq!(def.method_name, "tensorflow/serving/predict");

@@ -25,7 +25,9 @@ impl HostTensor {
 
     /// Rows along dimension 0 (the batch dimension); 1 for a scalar.
     pub fn rows(&self) -> usize {
-        self.shape.first().map_or(1, |d| usize::try_from(*d).unwrap_or(0))
+        self.shape
+            .first()
+            .map_or(1, |d| usize::try_from(*d).unwrap_or(0))
     }
 
     /// Bytes of one row (the product of dimensions 1.. times the element size).
@@ -50,7 +52,11 @@ impl HostTensor {
     /// A float32 tensor from values (tests and tools).
     pub fn from_f32(shape: Vec<i64>, values: &[f32]) -> HostTensor {
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        HostTensor { dtype: DType::F32, shape, data: Bytes::from(data) }
+        HostTensor {
+            dtype: DType::F32,
+            shape,
+            data: Bytes::from(data),
+        }
     }
 
     /// The values of a float32 tensor (tests and tools); `None` for other dtypes.

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use aspire_core::records::{VersionState, VersionStatus};
-use aspire_core::{AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, Version, WorkerRecord};
+use aspire_core::{
+    AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, Version, WorkerRecord,
+};
 use aspire_registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -91,9 +93,11 @@ impl LoadedVersion {
             .signatures
             .resolve(requested)
             .map_err(WorkerError::InvalidArgument)?;
-        let sig = self.by_name.get(name).cloned().ok_or_else(|| {
-            WorkerError::Internal(format!("signature '{name}' vanished"))
-        })?;
+        let sig = self
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| WorkerError::Internal(format!("signature '{name}' vanished")))?;
         Ok((name.to_string(), sig))
     }
 }
@@ -164,10 +168,12 @@ impl ServingTable {
             .ok()
             .and_then(|n| self.models.get_key_value(&n))
             .ok_or_else(|| {
-                let mut served: Vec<String> =
-                    self.models.keys().map(ToString::to_string).collect();
+                let mut served: Vec<String> = self.models.keys().map(ToString::to_string).collect();
                 served.sort_unstable();
-                WorkerError::ModelNotFound { model: name.to_string(), served }
+                WorkerError::ModelNotFound {
+                    model: name.to_string(),
+                    served,
+                }
             })
     }
 }
@@ -230,10 +236,16 @@ impl VersionManager {
 type Key = (ModelName, Version);
 
 enum Slot {
-    Loading { attempts: u32 },
+    Loading {
+        attempts: u32,
+    },
     Ready(Arc<LoadedVersion>),
     Unloading,
-    Failed { error: String, attempts: u32, retry_at: Instant },
+    Failed {
+        error: String,
+        attempts: u32,
+        retry_at: Instant,
+    },
     Ended,
 }
 
@@ -266,7 +278,9 @@ impl Actor {
             self.publish_table();
             self.publish_record().await;
             // Wake for the earliest retry; a 1 s tick also retries a failed record write.
-            let wake = self.next_retry().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let wake = self
+                .next_retry()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 changed = self.cluster_rx.changed() => {
                     if changed.is_err() {
@@ -311,7 +325,11 @@ impl Actor {
                 tracing::error!(model = %key.0, version = %key.1, attempts, retry_in = ?backoff, "load failed: {error}");
                 self.slots.insert(
                     key,
-                    Slot::Failed { error, attempts, retry_at: Instant::now() + backoff },
+                    Slot::Failed {
+                        error,
+                        attempts,
+                        retry_at: Instant::now() + backoff,
+                    },
                 );
             }
             Event::Unloaded(key) => {
@@ -329,28 +347,35 @@ impl Actor {
         let cluster = self.cluster.clone();
         for model in models {
             let desired = cluster.desired(&model).versions;
-            let available = cluster.models.get(&model).and_then(|m| m.available.as_ref());
+            let available = cluster
+                .models
+                .get(&model)
+                .and_then(|m| m.available.as_ref());
             for v in &desired {
                 let key = (model.clone(), *v);
                 let attempts = match self.slots.get(&key) {
                     None | Some(Slot::Ended) => 0,
-                    Some(Slot::Failed { attempts, retry_at, .. }) if *retry_at <= now => *attempts,
+                    Some(Slot::Failed {
+                        attempts, retry_at, ..
+                    }) if *retry_at <= now => *attempts,
                     Some(_) => continue,
                 };
                 if let Some(entry) = available.and_then(|a| a.get(*v)) {
                     self.start_load(key, entry.path.clone(), entry.signatures.clone(), attempts);
                 }
             }
-            let desired_ready = desired.iter().any(|v| {
-                matches!(self.slots.get(&(model.clone(), *v)), Some(Slot::Ready(_)))
-            });
+            let desired_ready = desired
+                .iter()
+                .any(|v| matches!(self.slots.get(&(model.clone(), *v)), Some(Slot::Ready(_))));
             if !desired_ready && !desired.is_empty() {
                 continue;
             }
             let to_unload: Vec<Key> = self
                 .slots
                 .iter()
-                .filter(|((m, v), s)| m == &model && !desired.contains(v) && matches!(s, Slot::Ready(_)))
+                .filter(|((m, v), s)| {
+                    m == &model && !desired.contains(v) && matches!(s, Slot::Ready(_))
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in to_unload {
@@ -359,10 +384,17 @@ impl Actor {
             // Failed versions no longer desired stop retrying.
             for ((m, v), slot) in self.slots.iter_mut() {
                 if m == &model && !desired.contains(v) && matches!(slot, Slot::Failed { .. }) {
-                    if let Slot::Failed { error, attempts, .. } = slot {
+                    if let Slot::Failed {
+                        error, attempts, ..
+                    } = slot
+                    {
                         let error = std::mem::take(error);
                         let attempts = *attempts;
-                        *slot = Slot::Failed { error, attempts, retry_at: far_future() };
+                        *slot = Slot::Failed {
+                            error,
+                            attempts,
+                            retry_at: far_future(),
+                        };
                     }
                 }
             }
@@ -406,7 +438,9 @@ impl Actor {
                 Slot::Failed { error, .. } => (VersionState::End, Some(error.clone())),
                 Slot::Ended => (VersionState::End, None),
             };
-            out.entry(m.clone()).or_default().insert(*v, VersionStatus { state, error });
+            out.entry(m.clone())
+                .or_default()
+                .insert(*v, VersionStatus { state, error });
         }
         out
     }
@@ -434,12 +468,18 @@ impl Actor {
                 loaded,
                 desired,
                 statuses: statuses.remove(&model).unwrap_or_default(),
-                available: self.cluster.models.get(&model).and_then(|m| m.available.clone()),
+                available: self
+                    .cluster
+                    .models
+                    .get(&model)
+                    .and_then(|m| m.available.clone()),
             };
             table.models.insert(model, entry);
         }
         self.manager.table.store(Arc::new(table));
-        self.manager.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        self.manager
+            .ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
     async fn publish_record(&mut self) {
@@ -451,7 +491,11 @@ impl Actor {
         if self.published.as_ref() == Some(&record) {
             return;
         }
-        match self.registry.put_worker(&self.config.worker_id, &record).await {
+        match self
+            .registry
+            .put_worker(&self.config.worker_id, &record)
+            .await
+        {
             Ok(()) => self.published = Some(record),
             // Kept unpublished: the next turn of the loop (at most 1 s) tries again.
             Err(e) => tracing::warn!("could not publish this worker's record: {e}"),
@@ -492,7 +536,10 @@ fn far_future() -> Instant {
 }
 
 fn version_cache_dir(config: &ManagerConfig, key: &Key) -> PathBuf {
-    config.cache_dir.join(key.0.as_str()).join(key.1.to_string())
+    config
+        .cache_dir
+        .join(key.0.as_str())
+        .join(key.1.to_string())
 }
 
 async fn load_version(

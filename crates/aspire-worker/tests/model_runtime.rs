@@ -1,6 +1,9 @@
 //! The model runtime against real LibTorch and real TorchScript files: modules scripted
 //! by the venv's PyTorch (the files users bring) and one traced from Rust with `tch`.
 //! Expected numbers are computed here in Rust, not by the model.
+//!
+//! `ASPIRE_TEST_DEVICE` (default `cpu`; e.g. `cuda:0`) picks where the models run, and
+//! `ASPIRE_TEST_PYTHON` a Python with torch 2.11.0 other than the workspace's `.venv`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +12,8 @@ use std::time::Instant;
 
 use aspire_core::{DType, SignatureMap};
 use aspire_worker::model::{
-    DeviceSpec, Servable, TorchModel, configure_threads, set_graph_executor_optimize,
+    DeviceSpec, Servable, TorchModel, configure_threads, resolve_device,
+    set_graph_executor_optimize,
 };
 use aspire_worker::tensor::HostTensor;
 use bytes::Bytes;
@@ -44,12 +48,16 @@ class Identity(torch.nn.Module):
     def forward(self, x):
         return x.clone()
 
+class Doubler(torch.nn.Module):
+    def forward(self, x):
+        return x + x
+
 class DropsRows(torch.nn.Module):
     def forward(self, x):
         return x.sum(0, keepdim=True)
 
 for name, module in [("pair", Pair()), ("named", Named()), ("listed", Listed()),
-                     ("two_inputs", TwoInputs()), ("identity", Identity()),
+                     ("two_inputs", TwoInputs()), ("identity", Identity()), ("doubler", Doubler()),
                      ("drops_rows", DropsRows())]:
     d = os.path.join(sys.argv[1], name)
     os.makedirs(d)
@@ -62,7 +70,10 @@ fn modules() -> &'static Path {
     static DIR: OnceLock<TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         configure_threads(Some(1), Some(1));
-        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+        let python = std::env::var_os("ASPIRE_TEST_PYTHON").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+            PathBuf::from,
+        );
         assert!(
             python.exists(),
             "{} is missing: run `make setup` to make the venv",
@@ -87,6 +98,10 @@ fn modules() -> &'static Path {
         dir
     })
     .path()
+}
+
+fn device() -> DeviceSpec {
+    std::env::var("ASPIRE_TEST_DEVICE").map_or(DeviceSpec::Cpu, |d| d.parse().unwrap())
 }
 
 fn module(name: &str) -> PathBuf {
@@ -114,7 +129,7 @@ fn load(
     signatures: &SignatureMap,
     warmup: &[usize],
 ) -> Result<Arc<TorchModel>, String> {
-    TorchModel::load(&module(name), DeviceSpec::Cpu, signatures, warmup)
+    TorchModel::load(&module(name), device(), signatures, warmup)
 }
 
 const ROWS: [[f32; 3]; 3] = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [-1.0, 0.0, 0.5]];
@@ -135,7 +150,7 @@ fn totals() -> Vec<f32> {
 fn tuple_outputs_are_taken_by_position() {
     let signatures = x3_sig("forward", DOUBLED_AND_TOTAL);
     let model = load("pair", &signatures, &[1, 2]).unwrap();
-    assert_eq!(model.device_name(), "cpu");
+    assert_eq!(model.device_name(), resolve_device(device()).unwrap());
     let out = model
         .run(&signatures.signatures["predict"], &[three_rows()])
         .unwrap();
@@ -234,40 +249,90 @@ fn two_inputs_and_an_exported_method() {
     );
 }
 
-/// Bytes of 6 values of `dtype` that are not all zero, valid for the type.
-fn sample(dtype: DType) -> Vec<u8> {
+fn le<T: Copy, const N: usize>(values: &[T], to_bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|v| to_bytes(*v)).collect()
+}
+
+/// Six values of `dtype` as bytes, and the bytes of each value added to itself, worked
+/// out here per type: a wrong dtype mapping (half read as bfloat16, say) changes the sum.
+fn sample_and_doubled(dtype: DType) -> (Vec<u8>, Vec<u8>) {
     let ints: [i64; 6] = [1, -2, 3, 100, -7, 0];
     match dtype {
-        DType::F32 => ints
-            .iter()
-            .flat_map(|v| (*v as f32 + 0.25).to_le_bytes())
-            .collect(),
-        DType::F64 => ints
-            .iter()
-            .flat_map(|v| (*v as f64 - 0.125).to_le_bytes())
-            .collect(),
-        // 1.0, -2.0, 0.5 and three more half / bfloat16 bit patterns.
-        DType::F16 | DType::BF16 => [0x3c00u16, 0xc000, 0x3800, 0x4200, 0x3f80, 0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I8 => ints.iter().map(|v| (*v as i8).to_le_bytes()[0]).collect(),
-        DType::I16 => ints
-            .iter()
-            .flat_map(|v| (*v as i16 * 300).to_le_bytes())
-            .collect(),
-        DType::I32 => ints
-            .iter()
-            .flat_map(|v| (*v as i32 * 70_000).to_le_bytes())
-            .collect(),
-        DType::I64 => ints.iter().flat_map(|v| (v << 40).to_le_bytes()).collect(),
-        DType::U8 => vec![0, 1, 2, 128, 200, 255],
-        DType::Bool => vec![1, 0, 0, 1, 1, 0],
+        DType::F32 => {
+            let v = ints.map(|i| i as f32 + 0.25);
+            (
+                le(&v, f32::to_le_bytes),
+                le(&v.map(|x| x + x), f32::to_le_bytes),
+            )
+        }
+        DType::F64 => {
+            let v = ints.map(|i| i as f64 - 0.125);
+            (
+                le(&v, f64::to_le_bytes),
+                le(&v.map(|x| x + x), f64::to_le_bytes),
+            )
+        }
+        // As half: 1.0, -2.0, 0.5, 3.0, 1.875, 0; doubling adds one to the exponent.
+        DType::F16 => (
+            le(
+                &[0x3c00u16, 0xc000, 0x3800, 0x4200, 0x3f80, 0],
+                u16::to_le_bytes,
+            ),
+            le(
+                &[0x4000u16, 0xc400, 0x3c00, 0x4600, 0x4380, 0],
+                u16::to_le_bytes,
+            ),
+        ),
+        // The same bits as bfloat16: 2^-7, -2.0, 2^-15, 32.0, 1.0, 0.
+        DType::BF16 => (
+            le(
+                &[0x3c00u16, 0xc000, 0x3800, 0x4200, 0x3f80, 0],
+                u16::to_le_bytes,
+            ),
+            le(
+                &[0x3c80u16, 0xc080, 0x3880, 0x4280, 0x4000, 0],
+                u16::to_le_bytes,
+            ),
+        ),
+        DType::I8 => {
+            let v = ints.map(|i| i as i8);
+            (
+                le(&v, i8::to_le_bytes),
+                le(&v.map(|x| x.wrapping_add(x)), i8::to_le_bytes),
+            )
+        }
+        DType::I16 => {
+            let v = ints.map(|i| i as i16 * 300);
+            (
+                le(&v, i16::to_le_bytes),
+                le(&v.map(|x| x.wrapping_add(x)), i16::to_le_bytes),
+            )
+        }
+        DType::I32 => {
+            let v = ints.map(|i| i as i32 * 70_000);
+            (
+                le(&v, i32::to_le_bytes),
+                le(&v.map(|x| x.wrapping_add(x)), i32::to_le_bytes),
+            )
+        }
+        DType::I64 => {
+            let v = ints.map(|i| i << 40);
+            (
+                le(&v, i64::to_le_bytes),
+                le(&v.map(|x| x.wrapping_add(x)), i64::to_le_bytes),
+            )
+        }
+        DType::U8 => {
+            let v = [0u8, 1, 2, 128, 200, 255];
+            (v.to_vec(), v.map(|x| x.wrapping_add(x)).to_vec())
+        }
+        // bool + bool is a logical or in PyTorch.
+        DType::Bool => (vec![1, 0, 0, 1, 1, 0], vec![1, 0, 0, 1, 1, 0]),
     }
 }
 
 #[test]
-fn every_dtype_passes_through_libtorch_unchanged() {
+fn every_dtype_reaches_libtorch_as_its_own_type() {
     let entries: Vec<String> = DType::ALL
         .iter()
         .map(|d| {
@@ -279,20 +344,23 @@ fn every_dtype_passes_through_libtorch_unchanged() {
         })
         .collect();
     let signatures = sigs(&format!(r#"{{"signatures": {{{}}}}}"#, entries.join(",")));
-    let model = load("identity", &signatures, &[1, 3]).unwrap();
+    let model = load("doubler", &signatures, &[1, 3]).unwrap();
     for dtype in DType::ALL {
+        let (input, doubled) = sample_and_doubled(dtype);
         let input = HostTensor {
             dtype,
             shape: vec![3, 2],
-            data: Bytes::from(sample(dtype)),
+            data: Bytes::from(input),
         };
         let out = model
-            .run(
-                &signatures.signatures[dtype.short_name()],
-                std::slice::from_ref(&input),
-            )
+            .run(&signatures.signatures[dtype.short_name()], &[input])
             .unwrap();
-        assert_eq!(out, vec![input], "{dtype}");
+        let want = HostTensor {
+            dtype,
+            shape: vec![3, 2],
+            data: Bytes::from(doubled),
+        };
+        assert_eq!(out, vec![want], "{dtype}");
     }
 }
 
@@ -320,7 +388,7 @@ fn module_traced_in_rust_matches_its_weights() {
             "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
             "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 2]}]}}}"#,
     );
-    let model = TorchModel::load(dir.path(), DeviceSpec::Cpu, &signatures, &[1, 3]).unwrap();
+    let model = TorchModel::load(dir.path(), device(), &signatures, &[1, 3]).unwrap();
     let x = [
         1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0,
     ];
@@ -361,7 +429,7 @@ fn corrupt_model_pt_is_an_error_naming_the_file() {
         std::fs::write(dir.path().join("model.pt"), &contents).unwrap();
         let err = TorchModel::load(
             dir.path(),
-            DeviceSpec::Cpu,
+            device(),
             &SignatureMap::default_for_untyped_model(),
             &[1],
         )
@@ -379,7 +447,7 @@ fn missing_model_pt_is_an_error() {
     let dir = TempDir::new().unwrap();
     let err = TorchModel::load(
         dir.path(),
-        DeviceSpec::Cpu,
+        device(),
         &SignatureMap::default_for_untyped_model(),
         &[1],
     )
@@ -523,7 +591,23 @@ fn a_failing_model_is_an_error_not_a_panic() {
     let err = model.run(sig, &[short.clone(), short]).unwrap_err();
     assert_eq!(
         err,
-        "input 'a': has 4 bytes; shape [1, 2] of DT_FLOAT needs 8"
+        "input 'a' has 4 bytes; shape [1, 2] of DT_FLOAT needs 8"
+    );
+    let one = HostTensor::from_f32(vec![1, 2], &[1.0, 2.0]);
+    let two = HostTensor::from_f32(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let err = model.run(sig, &[one.clone(), two]).unwrap_err();
+    assert_eq!(
+        err,
+        "input 'b' has 2 rows and input 'a' has 1; all inputs need the same number of rows"
+    );
+    let ints = HostTensor {
+        dtype: DType::I32,
+        ..one.clone()
+    };
+    let err = model.run(sig, &[one, ints]).unwrap_err();
+    assert_eq!(
+        err,
+        "input 'b' has dtype DT_INT32; the signature expects DT_FLOAT"
     );
     let err = model
         .run(sig, &[HostTensor::from_f32(vec![1, 1], &[1.0])])

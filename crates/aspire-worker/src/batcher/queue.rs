@@ -149,15 +149,13 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `item`, or says why not. An item larger than the capacity (possible only
-    /// with batching disabled) is taken when the queue is empty, so it is not refused
-    /// forever.
+    /// Queues `item`, or says why not.
     pub fn push(&self, item: Item) -> Result<(), BatchError> {
         let mut state = self.lock();
         if state.closed {
             return Err(BatchError::ShuttingDown);
         }
-        if state.rows + item.rows > self.capacity && !state.queue.is_empty() {
+        if state.rows + item.rows > self.capacity {
             return Err(BatchError::QueueFull {
                 rows: state.rows,
                 capacity: self.capacity,
