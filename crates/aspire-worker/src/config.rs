@@ -101,7 +101,7 @@ impl BatchingArgs {
                 .map(|v| positive("allowed_batch_sizes", Some(*v)).map(|v| v.unwrap_or(0)))
                 .collect::<Result<_, _>>()?,
         };
-        if allowed.iter().any(|v| *v == 0) || allowed.windows(2).any(|w| w[0] >= w[1]) {
+        if allowed.contains(&0) || allowed.windows(2).any(|w| w[0] >= w[1]) {
             return Err(format!(
                 "allowed batch sizes {allowed:?} must be positive and strictly ascending"
             ));
@@ -114,12 +114,10 @@ impl BatchingArgs {
         if max == 0 {
             return Err("--max-batch-size must be positive".into());
         }
-        if let Some(last) = allowed.last() {
-            if *last != max {
-                return Err(format!(
-                    "the last allowed batch size ({last}) must equal the max batch size ({max})"
-                ));
-            }
+        if let Some(last) = allowed.last().filter(|last| **last != max) {
+            return Err(format!(
+                "the last allowed batch size ({last}) must equal the max batch size ({max})"
+            ));
         }
         let timeout_us = match self.batch_timeout_micros {
             Some(v) => v,

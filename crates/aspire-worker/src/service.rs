@@ -178,14 +178,12 @@ impl ServingApi {
                 }),
             })
             .collect();
-        if statuses.is_empty() {
-            if let Some(v) = wanted {
-                return Err(WorkerError::VersionNotFound {
-                    model: name.clone(),
-                    what: format!("version {v} is not known here"),
-                    available: entry.loaded.keys().copied().collect(),
-                });
-            }
+        if let (true, Some(v)) = (statuses.is_empty(), wanted) {
+            return Err(WorkerError::VersionNotFound {
+                model: name.clone(),
+                what: format!("version {v} is not known here"),
+                available: entry.loaded.keys().copied().collect(),
+            });
         }
         Ok(GetModelStatusResponse {
             model_version_status: statuses,

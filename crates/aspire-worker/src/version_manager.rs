@@ -296,11 +296,14 @@ impl Actor {
         self.drain(events).await;
     }
 
+    /// The next retry still to come. Failed versions that are no longer desired have
+    /// retry times in the past and are never retried (reconcile only loads desired ones).
     fn next_retry(&self) -> Option<Instant> {
+        let now = Instant::now();
         self.slots
             .values()
             .filter_map(|s| match s {
-                Slot::Failed { retry_at, .. } => Some(*retry_at),
+                Slot::Failed { retry_at, .. } if *retry_at > now => Some(*retry_at),
                 _ => None,
             })
             .min()
@@ -380,23 +383,6 @@ impl Actor {
                 .collect();
             for key in to_unload {
                 self.start_unload(key);
-            }
-            // Failed versions no longer desired stop retrying.
-            for ((m, v), slot) in self.slots.iter_mut() {
-                if m == &model && !desired.contains(v) && matches!(slot, Slot::Failed { .. }) {
-                    if let Slot::Failed {
-                        error, attempts, ..
-                    } = slot
-                    {
-                        let error = std::mem::take(error);
-                        let attempts = *attempts;
-                        *slot = Slot::Failed {
-                            error,
-                            attempts,
-                            retry_at: far_future(),
-                        };
-                    }
-                }
             }
         }
     }
@@ -529,10 +515,6 @@ impl Actor {
         }
         self.publish_table();
     }
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 fn version_cache_dir(config: &ManagerConfig, key: &Key) -> PathBuf {
