@@ -370,6 +370,24 @@ async fn bad_requests_get_clear_errors() {
         );
     }
 
+    // The gRPC health protocol says SERVING once the model is loaded.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    for service in ["", "tensorflow.serving.PredictionService"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
     // Metadata and the unimplemented methods.
     let md = c
         .get_model_metadata(GetModelMetadataRequest {
@@ -476,6 +494,7 @@ async fn python_model_config_file_and_tf_flags() {
         "--enable_batching=true",
         &format!("--batching_parameters_file={}", batching.display()),
         &format!("--model_config_file={}", config.display()),
+        "--model_config_file_poll_wait_seconds=1",
         "--rest_api_port=8501",
         "--enable_model_warmup",
     ]);
@@ -520,6 +539,30 @@ async fn python_model_config_file_and_tf_flags() {
     let err = c.predict(big).await.expect_err("too large");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains('8'), "{}", err.message());
+
+    // The config file is re-read: dropping 'py' from it stops serving py.
+    std::fs::write(
+        &config,
+        format!(
+            "model_config_list {{ config {{ name: 'mnist' base_path: '{}' }} }}\n",
+            tmp.path().join("mnist").display()
+        ),
+    )
+    .expect("rewrite config");
+    let mut c2 = c.clone();
+    eventually(LIMIT, "py removed after the config file changed", || {
+        let mut c2 = c2.clone();
+        let req = req.clone();
+        async move {
+            c2.predict(req)
+                .await
+                .err()
+                .filter(|e| e.code() == Code::NotFound)
+                .map(|_| ())
+        }
+    })
+    .await;
+    let _ = &mut c2;
 }
 
 /// TorchScript of a model whose forward pass takes about `x[0, 0]` × 0.25 ms and that counts

@@ -434,7 +434,9 @@ impl Actor {
     fn publish_table(&self) {
         let mut statuses = self.statuses();
         let mut table = ServingTable::default();
-        let mut ready = true;
+        // Not ready before the registry names a model: a server with nothing loaded yet
+        // must not pass a readiness probe.
+        let mut ready = !self.cluster.models.is_empty();
         let mut names: BTreeSet<ModelName> = self.cluster.models.keys().cloned().collect();
         names.extend(statuses.keys().cloned());
         for model in names {
