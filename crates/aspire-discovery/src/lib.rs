@@ -17,6 +17,7 @@
 pub mod error;
 pub mod model_config;
 mod model_watch;
+pub mod service;
 pub mod storage;
 pub mod storage_poller;
 

@@ -5,6 +5,8 @@
 
 #![allow(missing_docs, clippy::doc_markdown, clippy::large_enum_variant)]
 
+pub mod convert;
+
 /// `tensorflow.*`: tensors, shapes, data types and signatures.
 pub mod tensorflow {
     tonic::include_proto!("tensorflow");

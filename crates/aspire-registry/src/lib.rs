@@ -7,7 +7,10 @@
 //! tests), the etcd implementation serves a cluster, and both pass [`conformance`]. No role
 //! knows which one it talks to. Keys and values follow [`aspire_core::keys`].
 
+pub mod cli;
 pub mod conformance;
+pub mod etcd;
+pub mod etcd_server;
 mod memory;
 
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use aspire_core::{AspiredVersions, AvailableVersions, ClusterState, ModelName, W
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+pub use etcd::{EtcdOptions, EtcdRegistry};
 pub use memory::MemoryRegistry;
 
 /// Why a registry call failed.

@@ -6,10 +6,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args};
+use clap::{ArgAction, Args, ValueEnum};
 
 use crate::batcher::BatchConfig;
+use crate::codec::OutputEncoding;
 use crate::model::DeviceSpec;
+use crate::server::DEFAULT_MAX_MESSAGE_BYTES;
 
 /// Batching flags. A flag given on the command line overrides the same knob in
 /// `--batching_parameters_file`, which overrides the default.
@@ -197,6 +199,52 @@ pub struct RuntimeArgs {
         default_value_t = 0
     )]
     pub inter_op_threads: usize,
+}
+
+/// How Predict answers encode outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EncodingArg {
+    /// Typed repeated fields (`float_val`, ...), as TensorFlow Serving answers.
+    Typed,
+    /// Little-endian bytes in `tensor_content`: cheaper for large outputs.
+    TensorContent,
+}
+
+impl From<EncodingArg> for OutputEncoding {
+    fn from(e: EncodingArg) -> Self {
+        match e {
+            EncodingArg::Typed => OutputEncoding::Typed,
+            EncodingArg::TensorContent => OutputEncoding::TensorContent,
+        }
+    }
+}
+
+/// How the gRPC API is served.
+#[derive(Debug, Clone, Args)]
+pub struct ServingArgs {
+    /// Worker threads of the async runtime that serves gRPC [default: the CPUs this
+    /// process may use].
+    #[arg(long = "runtime-worker-threads", visible_alias = "runtime_worker_threads", env = "ASPIRE_RUNTIME_WORKER_THREADS")]
+    pub runtime_worker_threads: Option<usize>,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long = "max-message-size-bytes", visible_alias = "max_message_size_bytes", env = "ASPIRE_MAX_MESSAGE_SIZE_BYTES",
+          default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_size_bytes: usize,
+    /// How Predict answers encode outputs.
+    #[arg(long = "output-encoding", visible_alias = "output_encoding", env = "ASPIRE_OUTPUT_ENCODING", value_enum,
+          default_value_t = EncodingArg::Typed)]
+    pub output_encoding: EncodingArg,
+    /// Local directory model versions are copied into before loading [default: a new
+    /// directory under the system's temp dir].
+    #[arg(long = "cache-dir", visible_alias = "cache_dir", env = "ASPIRE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl ServingArgs {
+    /// Threads for the async runtime.
+    pub fn runtime_threads(&self) -> usize {
+        self.runtime_worker_threads.unwrap_or_else(available_cpus).max(1)
+    }
 }
 
 /// CPUs this process may use (honours affinity and cgroup quotas).

@@ -10,6 +10,7 @@
 //! - [`service`]: the gRPC services;
 //! - [`error`]: the one table from errors to gRPC status codes.
 
+pub mod app;
 pub mod batcher;
 pub mod codec;
 pub mod config;

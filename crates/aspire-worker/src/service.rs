@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aspire_core::signature::PREDICT_METHOD_NAME;
 use aspire_core::{ModelName, SignatureMap, TensorSpec, Version};
-use aspire_proto::TensorShapeProto;
 use aspire_proto::serving::model_service_server::ModelService;
 use aspire_proto::serving::prediction_service_server::PredictionService;
 use aspire_proto::serving::{
@@ -16,10 +14,8 @@ use aspire_proto::serving::{
     GetModelMetadataResponse, GetModelStatusRequest, GetModelStatusResponse, ModelSpec,
     ModelVersionStatus, MultiInferenceRequest, MultiInferenceResponse, PredictRequest,
     PredictResponse, RegressionRequest, RegressionResponse, ReloadConfigRequest,
-    ReloadConfigResponse, SignatureDefMap, model_spec::VersionChoice,
+    ReloadConfigResponse, model_spec::VersionChoice,
 };
-use aspire_proto::tensorflow::tensor_shape_proto;
-use aspire_proto::tensorflow::{SignatureDef, TensorInfo, tensor_info};
 use prost::Message;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -146,7 +142,7 @@ impl ServingApi {
         let table = self.manager.table();
         let (name, entry) = table.model(&spec.name)?;
         let (version, signatures) = metadata_version(name, entry, requested_version(&spec)?)?;
-        let map = signature_def_map(&signatures);
+        let map = aspire_proto::convert::signature_def_map(&signatures);
         let any = prost_types::Any {
             type_url: aspire_proto::SIGNATURE_DEF_MAP_TYPE_URL.to_string(),
             value: map.encode_to_vec(),
@@ -252,53 +248,6 @@ fn metadata_version(
     })
 }
 
-/// TensorFlow's `SignatureDefMap` for a version's signatures.
-pub fn signature_def_map(signatures: &SignatureMap) -> SignatureDefMap {
-    let info = |t: &TensorSpec| TensorInfo {
-        encoding: Some(tensor_info::Encoding::Name(t.name.clone())),
-        dtype: t.dtype.tf_number(),
-        tensor_shape: Some(match &t.shape {
-            Some(dims) => TensorShapeProto {
-                dim: dims
-                    .iter()
-                    .map(|d| tensor_shape_proto::Dim {
-                        size: *d,
-                        name: String::new(),
-                    })
-                    .collect(),
-                unknown_rank: false,
-            },
-            None => TensorShapeProto {
-                dim: vec![],
-                unknown_rank: true,
-            },
-        }),
-    };
-    SignatureDefMap {
-        signature_def: signatures
-            .signatures
-            .iter()
-            .map(|(name, sig)| {
-                let def = SignatureDef {
-                    inputs: sig
-                        .inputs
-                        .iter()
-                        .map(|t| (t.name.clone(), info(t)))
-                        .collect(),
-                    outputs: sig
-                        .outputs
-                        .iter()
-                        .map(|t| (t.name.clone(), info(t)))
-                        .collect(),
-                    method_name: PREDICT_METHOD_NAME.to_string(),
-                    defaults: HashMap::new(),
-                };
-                (name.clone(), def)
-            })
-            .collect(),
-    }
-}
-
 /// The client's deadline from the `grpc-timeout` header.
 pub fn request_deadline<T>(req: &Request<T>) -> Option<Instant> {
     let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -402,30 +351,5 @@ mod tests {
         for bad in ["", "m", "10x", "123456789m", "-1S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn signature_def_map_carries_names_dtypes_and_shapes() {
-        let sigs = SignatureMap::from_json(
-            br#"{"signatures": {"predict_images": {
-                "inputs": [{"name": "images", "dtype": "float32", "shape": [-1, 784]}],
-                "outputs": [{"name": "scores", "dtype": "float32", "shape": [-1, 10]}]}}}"#,
-        )
-        .unwrap();
-        let map = signature_def_map(&sigs);
-        let def = &map.signature_def["predict_images"];
-        let input = &def.inputs["images"];
-        assert_eq!(input.dtype, 1);
-        let dims: Vec<i64> = input
-            .tensor_shape
-            .as_ref()
-            .unwrap()
-            .dim
-            .iter()
-            .map(|d| d.size)
-            .collect();
-        assert_eq!(dims, vec![-1, 784]);
-        assert_eq!(def.outputs["scores"].dtype, 1);
-        assert_eq!(def.method_name, "tensorflow/serving/predict");
     }
 }

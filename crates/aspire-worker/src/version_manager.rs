@@ -183,6 +183,11 @@ pub struct VersionManager {
     table: ArcSwap<ServingTable>,
     ready: watch::Sender<bool>,
     stop: watch::Sender<bool>,
+    /// Set by [`VersionManager::deregister`]; the actor then removes this worker's record
+    /// and stops publishing it, while it keeps serving.
+    draining: watch::Sender<bool>,
+    /// Set by the actor once the record is removed.
+    deregistered: watch::Sender<bool>,
 }
 
 impl VersionManager {
@@ -200,6 +205,8 @@ impl VersionManager {
             table: ArcSwap::from_pointee(ServingTable::default()),
             ready,
             stop,
+            draining: watch::channel(false).0,
+            deregistered: watch::channel(false).0,
         });
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let actor = Actor {
@@ -225,6 +232,21 @@ impl VersionManager {
     /// True once every model with desired versions has one AVAILABLE.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    /// Removes this worker's record from the registry (so routers stop sending to it)
+    /// and keeps it out, while requests keep being served; returns once it is removed
+    /// (or after 5 s if the registry is unreachable).
+    pub async fn deregister(&self) {
+        let mut done = self.deregistered.subscribe();
+        self.draining.send_replace(true);
+        // Bounded: an unreachable registry must not hold up the drain; the record then
+        // expires with its lease.
+        let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|d| *d)).await;
+    }
+
+    fn deregistered_flag(&self) -> bool {
+        *self.deregistered.borrow()
     }
 
     /// Asks the actor to deregister, drain and unload everything.
@@ -273,14 +295,15 @@ impl Actor {
         mut stop: watch::Receiver<bool>,
     ) {
         self.cluster = self.cluster_rx.borrow_and_update().clone();
+        let mut draining = self.manager.draining.subscribe();
         loop {
             self.reconcile();
             self.publish_table();
             self.publish_record().await;
-            // Wake for the earliest retry; a 1 s tick also retries a failed record write.
-            let wake = self
-                .next_retry()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            // Wake for the earliest retry, and at least every second so a failed record
+            // write is retried even while a load's backoff is longer than that.
+            let tick = Instant::now() + Duration::from_secs(1);
+            let wake = self.next_retry().map_or(tick, |retry| retry.min(tick));
             tokio::select! {
                 changed = self.cluster_rx.changed() => {
                     if changed.is_err() {
@@ -291,6 +314,7 @@ impl Actor {
                 Some(ev) = events.recv() => self.on_event(ev),
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = stop.wait_for(|s| *s) => break,
+                _ = draining.wait_for(|d| *d), if !self.manager.deregistered_flag() => {}
             }
         }
         self.drain(events).await;
@@ -385,6 +409,12 @@ impl Actor {
                 self.start_unload(key);
             }
         }
+        // A model discovery stopped listing is forgotten once its versions are unloaded,
+        // so it leaves the serving table (requests get NOT_FOUND, not "no version loaded")
+        // and this worker's record, instead of lingering as END statuses forever.
+        self.slots.retain(|(m, _), s| {
+            is_listed(&cluster, m) || !matches!(s, Slot::Ended | Slot::Failed { .. })
+        });
     }
 
     fn start_load(&mut self, key: Key, path: String, signatures: SignatureMap, attempts: u32) {
@@ -437,7 +467,14 @@ impl Actor {
         // Not ready before the registry names a model: a server with nothing loaded yet
         // must not pass a readiness probe.
         let mut ready = !self.cluster.models.is_empty();
-        let mut names: BTreeSet<ModelName> = self.cluster.models.keys().cloned().collect();
+        // A pin left behind by `remove_model` does not keep a model in the table.
+        let mut names: BTreeSet<ModelName> = self
+            .cluster
+            .models
+            .keys()
+            .filter(|m| is_listed(&self.cluster, m))
+            .cloned()
+            .collect();
         names.extend(statuses.keys().cloned());
         for model in names {
             let desired = self.cluster.desired(&model).versions;
@@ -471,6 +508,17 @@ impl Actor {
     }
 
     async fn publish_record(&mut self) {
+        if *self.manager.draining.borrow() {
+            if !self.manager.deregistered_flag() {
+                match self.registry.remove_worker(&self.config.worker_id).await {
+                    Ok(()) => {
+                        self.manager.deregistered.send_replace(true);
+                    }
+                    Err(e) => tracing::warn!("could not deregister: {e}"),
+                }
+            }
+            return;
+        }
         let record = WorkerRecord {
             address: self.config.advertise_address.clone(),
             device: self.device_name.clone(),
@@ -517,6 +565,14 @@ impl Actor {
         }
         self.publish_table();
     }
+}
+
+/// Whether discovery lists `model` (its `available` or `aspired` key exists).
+fn is_listed(cluster: &ClusterState, model: &ModelName) -> bool {
+    cluster
+        .models
+        .get(model)
+        .is_some_and(|m| m.available.is_some() || m.aspired.is_some())
 }
 
 fn version_cache_dir(config: &ManagerConfig, key: &Key) -> PathBuf {

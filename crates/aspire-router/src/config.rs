@@ -1,0 +1,142 @@
+//! The router's flags. Each is accepted in kebab-case and snake_case (TensorFlow Serving's
+//! spelling) and falls back to an `ASPIRE_*` environment variable, named as for
+//! `aspire-server` where the two share a flag.
+
+use std::time::Duration;
+
+use aspire_core::keys::DEFAULT_PREFIX;
+use clap::Parser;
+
+/// TensorFlow Serving's limit on message size (2 GiB − 1), the default of
+/// `--max-message-size-bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+
+/// `aspire-router`'s flags.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "aspire-router",
+    version,
+    about = "Serve TensorFlow Serving's gRPC API in front of Aspire workers, routing each request to a live worker that has the right model version loaded"
+)]
+pub struct RouterConfig {
+    /// gRPC port.
+    #[arg(long, env = "ASPIRE_PORT", default_value_t = 8500)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "ASPIRE_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long = "etcd-endpoints",
+        visible_alias = "etcd_endpoints",
+        env = "ASPIRE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Registry key prefix shared by the cluster's roles.
+    #[arg(long, env = "ASPIRE_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Worker threads of the async runtime [default: the CPUs this process may use].
+    #[arg(
+        long = "runtime-worker-threads",
+        visible_alias = "runtime_worker_threads",
+        env = "ASPIRE_RUNTIME_WORKER_THREADS"
+    )]
+    pub runtime_worker_threads: Option<usize>,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long = "max-message-size-bytes", visible_alias = "max_message_size_bytes",
+          env = "ASPIRE_MAX_MESSAGE_SIZE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_size_bytes: usize,
+    /// How soon a worker marked down after a failed call is first health-checked, in
+    /// milliseconds; the interval doubles after each failed check, up to 30 s.
+    #[arg(
+        long = "worker-probe-interval-ms",
+        visible_alias = "worker_probe_interval_ms",
+        env = "ASPIRE_WORKER_PROBE_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub worker_probe_interval_ms: u64,
+}
+
+impl RouterConfig {
+    /// Checks the values clap cannot; the error names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err("--etcd-endpoints is empty; give at least one, e.g. http://127.0.0.1:2379".into());
+        }
+        if self.runtime_worker_threads == Some(0) {
+            return Err("--runtime-worker-threads must be at least 1".into());
+        }
+        if self.max_message_size_bytes == 0 {
+            return Err("--max-message-size-bytes must be positive".into());
+        }
+        if self.worker_probe_interval_ms == 0 {
+            return Err("--worker-probe-interval-ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Threads for the async runtime.
+    pub fn runtime_threads(&self) -> usize {
+        self.runtime_worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+
+    /// The etcd endpoints, trimmed, without empty entries.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.etcd_endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect()
+    }
+
+    /// [`Self::worker_probe_interval_ms`] as a duration.
+    pub fn worker_probe_interval(&self) -> Duration {
+        Duration::from_millis(self.worker_probe_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RouterConfig, clap::Error> {
+        RouterConfig::try_parse_from(std::iter::once("aspire-router").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn spellings_and_defaults() {
+        let c = parse(&[
+            "--etcd_endpoints",
+            "http://a:2379, http://b:2379",
+            "--max_message_size_bytes",
+            "10",
+            "--runtime_worker_threads=2",
+        ])
+        .unwrap();
+        assert_eq!(c.endpoints(), vec!["http://a:2379", "http://b:2379"]);
+        assert_eq!(c.max_message_size_bytes, 10);
+        assert_eq!(c.runtime_threads(), 2);
+        let c = parse(&["--etcd-endpoints", "http://e:1", "--worker-probe-interval-ms", "5"]).unwrap();
+        assert_eq!(c.endpoints(), vec!["http://e:1"]);
+        assert_eq!(c.worker_probe_interval(), Duration::from_millis(5));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_values_name_the_flag() {
+        for (args, flag) in [
+            (&["--runtime-worker-threads", "0"][..], "--runtime-worker-threads"),
+            (&["--max-message-size-bytes", "0"][..], "--max-message-size-bytes"),
+            (&["--etcd-endpoints", " "][..], "--etcd-endpoints"),
+            (&["--worker-probe-interval-ms", "0"][..], "--worker-probe-interval-ms"),
+        ] {
+            let err = parse(args).unwrap().validate().unwrap_err();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+        assert!(parse(&["--port", "x"]).is_err());
+    }
+}

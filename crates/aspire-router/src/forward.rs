@@ -1,0 +1,190 @@
+//! Forwarding Predict: pick a worker from the routing table, send it the request as bytes
+//! with the version made explicit and the client's remaining deadline, retry once on
+//! another worker with the same version when the first one went away, and hand back the
+//! worker's answer untouched.
+//!
+//! Client cancellation needs no code: when the client resets its stream, the server drops
+//! this future, which drops the call to the worker, which resets that stream too.
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use aspire_proto::serving::model_spec::VersionChoice;
+use bytes::Bytes;
+use tokio::time::Instant;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status};
+
+use crate::error::RouterError;
+use crate::raw_codec::RawCodec;
+use crate::routing_table::{RoutingTable, requested_version};
+use crate::wire::{self, Forwarded, SplitRequest};
+use crate::workers::WorkerHandle;
+
+/// The gRPC path of Predict, on the router and on workers alike.
+pub(crate) const PREDICT_PATH: &str = "/tensorflow.serving.PredictionService/Predict";
+
+/// What every request shares: the current routing table and the forwarding settings.
+#[derive(Debug)]
+pub(crate) struct Router {
+    pub(crate) table: Arc<ArcSwap<RoutingTable>>,
+    pub(crate) max_message_bytes: usize,
+    /// How soon a worker marked down is first health-checked.
+    pub(crate) probe_after: Duration,
+}
+
+impl Router {
+    /// Routes one Predict call. Errors are the router's own (bad request, no route) or
+    /// the worker's status as it came.
+    pub(crate) async fn predict(&self, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+        let deadline = client_deadline(request.metadata());
+        let SplitRequest {
+            mut model_spec,
+            other_fields,
+        } = wire::split_predict_request(request.get_ref())?;
+        let wanted = requested_version(&model_spec)?;
+        let (version, worker) = self.table.load().route(&model_spec.name, wanted)?;
+        // Explicit, so the worker serves exactly what the router chose even if its own
+        // view of the default version differs for a moment.
+        model_spec.version_choice = Some(VersionChoice::Version(version.as_i64()));
+        let message = Forwarded::new(&model_spec, other_fields);
+
+        let failure = match self.call(&worker, message.clone(), deadline).await {
+            Err(status) if worker_went_away(&status) => status,
+            answer => return answer,
+        };
+        worker.mark_down(failure.message(), self.probe_after);
+        let Some(other) = self.table.load().route_exact(&model_spec.name, version) else {
+            return Err(went_away(&worker, &failure));
+        };
+        tracing::debug!(
+            from = %worker.id, to = %other.id, model = %model_spec.name, %version,
+            "retrying Predict on another worker: {}", failure.message()
+        );
+        match self.call(&other, message, deadline).await {
+            Err(status) if worker_went_away(&status) => {
+                other.mark_down(status.message(), self.probe_after);
+                Err(went_away(&other, &status))
+            }
+            answer => answer,
+        }
+    }
+
+    async fn call(
+        &self,
+        worker: &WorkerHandle,
+        message: Forwarded,
+        deadline: Option<Instant>,
+    ) -> Result<Response<Bytes>, Status> {
+        let endpoint = &worker.endpoint;
+        let _in_flight = endpoint.start_call();
+        let mut request = Request::new(message);
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RouterError::DeadlineExceeded(
+                    "the deadline passed before the request could be sent to a worker".into(),
+                )
+                .into());
+            }
+            request.set_timeout(left);
+        }
+        let mut grpc = tonic::client::Grpc::new(endpoint.channel.clone())
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
+        grpc.unary(
+            request,
+            PathAndQuery::from_static(PREDICT_PATH),
+            RawCodec::<Forwarded>::new(),
+        )
+        .await
+    }
+}
+
+/// Whether a call failed because the worker is gone rather than because of the request:
+/// UNAVAILABLE (refused connection, or a worker shutting down), or a status tonic made
+/// from a broken connection. Statuses a worker sends carry no source; those tonic makes
+/// from transport errors do.
+fn worker_went_away(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Internal => status.source().is_some(),
+        _ => false,
+    }
+}
+
+/// The status a client gets when the worker (and the retry) went away: UNAVAILABLE,
+/// naming the worker.
+fn went_away(worker: &WorkerHandle, status: &Status) -> Status {
+    Status::unavailable(format!(
+        "worker '{}' at {} failed: {}",
+        worker.id,
+        worker.endpoint.address,
+        status.message()
+    ))
+}
+
+/// The client's deadline, from its `grpc-timeout` header.
+fn client_deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(raw).map(|d| Instant::now() + d)
+}
+
+/// Parses gRPC's `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
+    if raw.len() < 2 || raw.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = raw.split_at(raw.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "m", "10x", "123456789m", "-1S", "+1S", "1 S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn which_failures_mean_the_worker_went_away() {
+        assert!(worker_went_away(&Status::unavailable("refused")));
+        // Sent by a worker: no source, so the request is at fault, not the worker.
+        assert!(!worker_went_away(&Status::unknown("model raised")));
+        assert!(!worker_went_away(&Status::internal("model failed")));
+        assert!(!worker_went_away(&Status::invalid_argument("bad shape")));
+        assert!(!worker_went_away(&Status::resource_exhausted("queue full")));
+        assert!(!worker_went_away(&Status::deadline_exceeded("late")));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let broken = Status::from_error(Box::new(io));
+        assert!(worker_went_away(&broken), "{broken:?}");
+    }
+}

@@ -1,0 +1,256 @@
+//! The workers the router forwards to: one lazily connected channel and one in-flight
+//! counter per address ([`Endpoint`]), liveness per registration ([`WorkerHandle`]), and
+//! the power-of-two-choices pick among the workers that have a version.
+//!
+//! A worker a call just failed on is marked down at once, so the next requests skip it
+//! without waiting for its lease to end. It comes back with a new registration (the
+//! routing table then makes a new handle) or when a background health check on it
+//! answers SERVING: that covers a blip on a worker whose record never changes, which
+//! would otherwise stay skipped forever.
+
+use std::cell::Cell;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use aspire_core::WorkerRecord;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// A connection attempt that takes longer fails the call, which then retries elsewhere.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 pings while calls are in flight detect a worker host that vanished without
+/// closing its connections (no RST ever comes).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Health checks of a down worker back off up to this interval.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// The service whose health a probe asks for, as workers report it.
+const PREDICTION_SERVICE: &str = "tensorflow.serving.PredictionService";
+
+/// One worker address: its channel (shared by every registration at that address) and
+/// its requests in flight, the load measure the balancer compares.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) address: String,
+    pub(crate) channel: Channel,
+    in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    /// A channel to `address` (`host:port`, or a URI) that connects on first use.
+    pub(crate) fn connect_lazy(address: &str) -> Result<Self, String> {
+        let uri = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(uri)
+            .map_err(|e| format!("worker address {address:?} is not a valid address: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .tcp_nodelay(true);
+        Ok(Self {
+            address: address.to_string(),
+            channel: endpoint.connect_lazy(),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    /// Counts a call until the guard drops (also when the call is cancelled).
+    pub(crate) fn start_call(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    fn load(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A call in flight on an [`Endpoint`].
+pub(crate) struct InFlight<'a>(&'a Endpoint);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One registration of a worker: its record as read from the registry and whether a
+/// call on it just failed. A new record value gets a new handle, live again.
+#[derive(Debug)]
+pub(crate) struct WorkerHandle {
+    pub(crate) id: String,
+    pub(crate) record: WorkerRecord,
+    pub(crate) endpoint: Arc<Endpoint>,
+    /// Set by the call that marks it down; cleared only by the probe that call started,
+    /// so exactly one probe runs per down period.
+    down: AtomicBool,
+}
+
+impl WorkerHandle {
+    pub(crate) fn new(id: String, record: WorkerRecord, endpoint: Arc<Endpoint>) -> Self {
+        Self {
+            id,
+            record,
+            endpoint,
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// Not marked down.
+    pub(crate) fn is_live(&self) -> bool {
+        !self.down.load(Ordering::Acquire)
+    }
+
+    /// Skips this worker from now on, and starts probing its health (first after
+    /// `probe_after`, then backing off) until it answers SERVING or this registration ends.
+    pub(crate) fn mark_down(self: &Arc<Self>, why: &str, probe_after: Duration) {
+        if self.down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(
+            worker = %self.id, address = %self.endpoint.address,
+            "marking worker down until it answers health checks or re-registers: {why}"
+        );
+        tokio::spawn(probe_until_back(
+            Arc::downgrade(self),
+            self.endpoint.channel.clone(),
+            probe_after,
+        ));
+    }
+}
+
+async fn probe_until_back(worker: Weak<WorkerHandle>, channel: Channel, mut wait: Duration) {
+    loop {
+        tokio::time::sleep(wait).await;
+        // A new record or a removed one dropped this handle: nothing to bring back.
+        let Some(handle) = worker.upgrade() else {
+            return;
+        };
+        let mut client = HealthClient::new(channel.clone());
+        let request = HealthCheckRequest {
+            service: PREDICTION_SERVICE.to_string(),
+        };
+        let check = tokio::time::timeout(CONNECT_TIMEOUT, client.check(request)).await;
+        if matches!(check, Ok(Ok(ref r)) if r.get_ref().status == ServingStatus::Serving as i32) {
+            tracing::info!(worker = %handle.id, address = %handle.endpoint.address, "worker answers health checks again");
+            handle.down.store(false, Ordering::Release);
+            return;
+        }
+        wait = (wait * 2).min(MAX_PROBE_INTERVAL);
+    }
+}
+
+/// Power of two choices on requests in flight: two distinct live workers at random, the
+/// less loaded one wins. `None` when no worker is live.
+pub(crate) fn pick(workers: &[Arc<WorkerHandle>]) -> Option<&Arc<WorkerHandle>> {
+    let live = || workers.iter().filter(|w| w.is_live());
+    let n = live().count();
+    if n < 2 {
+        return live().next();
+    }
+    let r = random();
+    let a = (r % n as u64) as usize;
+    let mut b = ((r >> 32) % (n as u64 - 1)) as usize;
+    if b >= a {
+        b += 1;
+    }
+    // A worker marked down between the count and here shortens the list; either
+    // survivor (or any live one) will do.
+    match (live().nth(a), live().nth(b)) {
+        (Some(x), Some(y)) => Some(if y.endpoint.load() < x.endpoint.load() {
+            y
+        } else {
+            x
+        }),
+        (Some(x), None) | (None, Some(x)) => Some(x),
+        (None, None) => live().next(),
+    }
+}
+
+/// splitmix64 on a per-thread state: the balancer needs cheap, not strong, randomness.
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(std::collections::hash_map::RandomState::new().hash_one(0u64));
+    }
+    STATE.with(|s| {
+        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handles(loads: &[usize]) -> Vec<Arc<WorkerHandle>> {
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, load)| {
+                let ep = Arc::new(Endpoint::connect_lazy(&format!("127.0.0.1:{}", 1 + i)).unwrap());
+                ep.in_flight.store(*load, Ordering::Relaxed);
+                Arc::new(WorkerHandle::new(format!("w{i}"), WorkerRecord::default(), ep))
+            })
+            .collect()
+    }
+
+    fn counts(workers: &[Arc<WorkerHandle>], picks: usize) -> Vec<usize> {
+        let mut counts = vec![0; workers.len()];
+        for _ in 0..picks {
+            let w = pick(workers).unwrap();
+            counts[workers.iter().position(|x| Arc::ptr_eq(x, w)).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[tokio::test]
+    async fn the_most_loaded_worker_is_never_picked() {
+        let workers = handles(&[0, 5, 9]);
+        let c = counts(&workers, 3000);
+        // Pairs (0,5) and (0,9) go to the idle worker, (5,9) to the middle one.
+        assert_eq!(c[2], 0, "{c:?}");
+        assert!(c[0] > 1700 && c[1] > 700, "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn equal_loads_spread_evenly() {
+        let workers = handles(&[0, 0, 0, 0]);
+        let c = counts(&workers, 4000);
+        assert!(c.iter().all(|n| *n > 800), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn down_workers_are_skipped() {
+        let workers = handles(&[0, 7]);
+        assert_eq!(pick(&workers[..1]).unwrap().id, "w0");
+        // Unreachable address: its probe never brings it back during this test.
+        workers[0].mark_down("test", Duration::from_secs(3600));
+        assert!(!workers[0].is_live());
+        assert_eq!(counts(&workers, 100), vec![0, 100]);
+        workers[1].mark_down("test", Duration::from_secs(3600));
+        assert!(pick(&workers).is_none());
+        assert!(pick(&[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn in_flight_guard_counts_while_held() {
+        let workers = handles(&[0]);
+        let ep = &workers[0].endpoint;
+        {
+            let _a = ep.start_call();
+            let _b = ep.start_call();
+            assert_eq!(ep.load(), 2);
+        }
+        assert_eq!(ep.load(), 0);
+    }
+}

@@ -1,0 +1,162 @@
+//! A whole worker: the version manager following a registry, and the gRPC API on a
+//! listener, with a drain on shutdown. `aspire-worker` runs it over etcd, `aspire-server`
+//! over an in-memory registry beside discovery.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aspire_registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, warmup_batch_sizes};
+use crate::model;
+use crate::server::serve;
+use crate::service::ServingApi;
+use crate::version_manager::{ManagerConfig, VersionManager};
+
+/// What a worker needs besides its registry and listener.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Its id in the registry.
+    pub worker_id: String,
+    /// The gRPC address others reach it at.
+    pub advertise_address: String,
+    /// Batching flags.
+    pub batching: BatchingArgs,
+    /// Device and LibTorch threads.
+    pub runtime: RuntimeArgs,
+    /// gRPC serving flags.
+    pub serving: ServingArgs,
+}
+
+/// Why a worker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerStartError {
+    /// A flag's value cannot be used; the sentence names it.
+    #[error("{0}")]
+    Config(String),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs a worker on `listener` until `shutdown` resolves, then drains: deregisters (so
+/// routers stop sending at once), stops taking requests and finishes those in flight,
+/// then unloads every version.
+pub async fn run_worker(
+    settings: WorkerSettings,
+    registry: Arc<dyn Registry>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerStartError> {
+    let batching = settings.batching.resolve().map_err(WorkerStartError::Config)?;
+    let intra = (settings.runtime.intra_op_threads > 0).then_some(settings.runtime.intra_op_threads);
+    let inter = (settings.runtime.inter_op_threads > 0).then_some(settings.runtime.inter_op_threads);
+    model::configure_threads(intra, inter);
+    let device_name = model::resolve_device(settings.runtime.device).map_err(WorkerStartError::Config)?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| WorkerStartError::Config(format!("listener has no address: {e}")))?;
+    let cache_dir = settings.serving.cache_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("aspire-worker-{}-{}", std::process::id(), local.port()))
+    });
+    tracing::info!(
+        address = %local, advertise = %settings.advertise_address, worker_id = %settings.worker_id,
+        device = %device_name, batching = ?batching, "worker starting"
+    );
+    let config = ManagerConfig {
+        worker_id: settings.worker_id.clone(),
+        advertise_address: settings.advertise_address.clone(),
+        device: settings.runtime.device,
+        warmup_batch_sizes: warmup_batch_sizes(&batching),
+        batching,
+        cache_dir: cache_dir.clone(),
+        load_retry_initial: Duration::from_secs(1),
+        load_retry_max: Duration::from_secs(60),
+    };
+    let (manager, manager_task) = VersionManager::start(config, device_name, registry);
+    let api = ServingApi::new(manager.clone(), settings.serving.output_encoding.into());
+    let draining = manager.clone();
+    let drain = async move {
+        shutdown.await;
+        tracing::info!("draining: deregistering, then finishing requests in flight");
+        draining.deregister().await;
+    };
+    let served = serve(api, manager.ready(), listener, settings.serving.max_message_size_bytes, drain).await;
+    manager.shutdown();
+    let _ = manager_task.await;
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    served?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// `aspire-worker`'s flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "aspire-worker", version, about = "Load the model versions etcd asks for and serve them over TensorFlow Serving's gRPC API")]
+pub struct WorkerCli {
+    /// Address to listen on.
+    #[arg(long, env = "ASPIRE_WORKER_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// gRPC port.
+    #[arg(long, env = "ASPIRE_WORKER_PORT", default_value_t = 8501)]
+    pub port: u16,
+    /// `host:port` routers reach this worker at (in Kubernetes: the pod IP, from the
+    /// Downward API) [default: the listen address, or 127.0.0.1:PORT when listening on
+    /// every interface].
+    #[arg(long = "advertise-address", visible_alias = "advertise_address", env = "ASPIRE_WORKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// This worker's id in etcd [default: HOSTNAME-PORT].
+    #[arg(long = "worker-id", visible_alias = "worker_id", env = "ASPIRE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// etcd.
+    #[command(flatten)]
+    pub etcd: aspire_registry::cli::EtcdArgs,
+    /// Batching.
+    #[command(flatten)]
+    pub batching: BatchingArgs,
+    /// Device and LibTorch threads.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// gRPC serving.
+    #[command(flatten)]
+    pub serving: ServingArgs,
+}
+
+impl WorkerCli {
+    /// The worker settings these flags describe; `local` is the bound listen address.
+    pub fn settings(&self, local: std::net::SocketAddr) -> Result<WorkerSettings, WorkerStartError> {
+        let advertise_address = match &self.advertise_address {
+            Some(a) => a.clone(),
+            None if local.ip().is_unspecified() => format!("127.0.0.1:{}", local.port()),
+            None => local.to_string(),
+        };
+        let worker_id = match &self.worker_id {
+            Some(id) => id.clone(),
+            None => format!("{}-{}", hostname(), local.port()),
+        };
+        if !aspire_core::keys::valid_worker_id(&worker_id) {
+            return Err(WorkerStartError::Config(format!(
+                "--worker-id {worker_id:?} is not usable as a key segment: use printable ASCII without '/'"
+            )));
+        }
+        Ok(WorkerSettings {
+            worker_id,
+            advertise_address,
+            batching: self.batching.clone(),
+            runtime: self.runtime.clone(),
+            serving: self.serving.clone(),
+        })
+    }
+}
+
+/// This machine's host name (in Kubernetes: the pod name).
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string())
+}

@@ -1,0 +1,747 @@
+//! The version manager against real LibTorch, real TorchScript files in a `file://`
+//! storage directory and the in-memory registry: loads, swaps, rollbacks by pin, failed
+//! loads and their retries, removal and shutdown.
+//!
+//! Version k of every test model answers `x * k`, so an answer tells which version ran.
+//! `ASPIRE_TEST_PYTHON` picks a Python with torch 2.11.0 other than the workspace's `.venv`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use aspire_core::{
+    AspiredVersions, AvailableVersion, AvailableVersions, ModelName, SignatureMap, Version,
+    VersionState, VersionStatus, WorkerRecord,
+};
+use aspire_registry::{MemoryRegistry, Registry};
+use aspire_worker::batcher::{BatchConfig, BatchError};
+use aspire_worker::model::{DeviceSpec, configure_threads};
+use aspire_worker::tensor::HostTensor;
+use aspire_worker::version_manager::{LoadedVersion, ManagerConfig, ModelEntry, VersionManager};
+use tempfile::TempDir;
+
+const WORKER_ID: &str = "worker-under-test";
+const ADDRESS: &str = "10.1.2.3:8500";
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// `Scale(k)` answers `x * k`; `Slow(k)` too, after `x[0, 0]` rounds of a matmul, so a
+/// request can be kept in flight for a while (warm-up sends zeros: no rounds).
+const MODULES_PY: &str = r#"
+import os, sys, torch
+
+class Scale(torch.nn.Module):
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x * self.k
+
+class Slow(torch.nn.Module):
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+        self.w = torch.full((256, 256), 1e-3)
+
+    def forward(self, x):
+        acc = torch.zeros(256, 256)
+        for _ in range(int(x[0, 0])):
+            acc = acc + self.w @ self.w
+        return x * self.k + acc.sum() * 0.0
+
+out = sys.argv[1]
+for k in (1, 2):
+    torch.jit.script(Scale(float(k))).save(os.path.join(out, f"scale{k}.pt"))
+torch.jit.script(Slow(1.0)).save(os.path.join(out, "slow1.pt"))
+"#;
+
+/// The signature every test model is published with.
+const SIG: &str = r#"{"signatures": {"predict": {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 3]}]}}}"#;
+
+/// Claims a float64 output the modules do not return.
+const FLOAT64_SIG: &str = r#"{"signatures": {"predict": {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3]}],
+    "outputs": [{"name": "y", "dtype": "float64", "shape": [-1, 3]}]}}}"#;
+
+/// Scripts the modules once per test binary, and sets LibTorch to one thread (the tests
+/// run in parallel on few cores).
+fn modules() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        configure_threads(Some(1), Some(1));
+        let python = std::env::var_os("ASPIRE_TEST_PYTHON").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+            PathBuf::from,
+        );
+        assert!(
+            python.exists(),
+            "{} is missing: run `make setup` to make the venv",
+            python.display()
+        );
+        let dir = TempDir::new().unwrap();
+        // torch.jit.script reads the module's source, so it must come from a file.
+        let script = dir.path().join("modules.py");
+        std::fs::write(&script, MODULES_PY).unwrap();
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripting failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .path()
+}
+
+fn v(n: u64) -> Version {
+    Version::new(n).unwrap()
+}
+
+fn name(model: &str) -> ModelName {
+    ModelName::new(model).unwrap()
+}
+
+/// What version `k` answers for the input row `[first, 1, 2]`.
+fn scaled(k: u64, first: f32) -> Vec<f32> {
+    [first, 1.0, 2.0].iter().map(|x| x * k as f32).collect()
+}
+
+/// Sends one row `[first, 1, 2]` to `lv` as a request handler does: holding the `Arc`
+/// from `pick` until the answer comes.
+async fn ask(lv: &LoadedVersion, first: f32) -> Result<Vec<f32>, BatchError> {
+    let (_, sig) = lv.signature("").unwrap();
+    let input = HostTensor::from_f32(vec![1, 3], &[first, 1.0, 2.0]);
+    let out = lv.batcher.submit(sig, vec![input], None).await?;
+    Ok(out[0].to_f32().unwrap())
+}
+
+/// Asks `lv` and checks the answer came from its own module.
+async fn ask_checked(lv: &LoadedVersion) {
+    let got = ask(lv, 3.0)
+        .await
+        .unwrap_or_else(|e| panic!("version {} failed a request: {e}", lv.version));
+    assert_eq!(got, scaled(lv.version.get(), 3.0), "version {}", lv.version);
+}
+
+/// What the tests look at in a model's entry, without its `Arc`s: holding one keeps that
+/// version from unloading, as an in-flight request does.
+#[derive(Debug, Clone, PartialEq)]
+struct View {
+    desired: Vec<Version>,
+    statuses: BTreeMap<Version, VersionStatus>,
+    loaded: Vec<Version>,
+    default: Option<Version>,
+}
+
+impl View {
+    fn of(entry: &ModelEntry) -> Self {
+        Self {
+            desired: entry.desired.clone(),
+            statuses: entry.statuses.clone(),
+            loaded: entry.loaded.keys().copied().collect(),
+            default: entry.default_version(),
+        }
+    }
+
+    fn state(&self, version: u64) -> Option<VersionState> {
+        self.statuses.get(&v(version)).map(|s| s.state)
+    }
+
+    fn error(&self, version: u64) -> Option<&str> {
+        self.statuses.get(&v(version))?.error.as_deref()
+    }
+}
+
+/// Polls `probe` until it returns `Ok`; its `Err` says what was seen instead, for the
+/// message when `limit` passes.
+async fn eventually<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let started = Instant::now();
+    loop {
+        match probe() {
+            Ok(found) => return found,
+            Err(seen) if started.elapsed() > limit => {
+                panic!("{what}: not within {limit:?}; last seen: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// A version manager on its own registry, storage directory and cache directory.
+struct Worker {
+    dir: TempDir,
+    registry: Arc<MemoryRegistry>,
+    manager: Arc<VersionManager>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start() -> Self {
+        modules();
+        let dir = TempDir::new().unwrap();
+        let registry = Arc::new(MemoryRegistry::default());
+        let config = ManagerConfig {
+            worker_id: WORKER_ID.to_string(),
+            advertise_address: ADDRESS.to_string(),
+            device: DeviceSpec::Cpu,
+            batching: BatchConfig {
+                enabled: true,
+                max_batch_size: 8,
+                batch_timeout: Duration::ZERO,
+                max_enqueued_batches: 16,
+                num_batch_threads: 1,
+                allowed_batch_sizes: Vec::new(),
+            },
+            warmup_batch_sizes: vec![1, 2],
+            cache_dir: dir.path().join("cache"),
+            load_retry_initial: Duration::from_millis(200),
+            load_retry_max: Duration::from_secs(1),
+        };
+        let (manager, handle) =
+            VersionManager::start(config, "cpu".into(), registry.clone() as Arc<dyn Registry>);
+        Self {
+            dir,
+            registry,
+            manager,
+            handle: Some(handle),
+        }
+    }
+
+    fn version_dir(&self, model: &str, version: u64) -> PathBuf {
+        self.dir
+            .path()
+            .join("storage")
+            .join(model)
+            .join(version.to_string())
+    }
+
+    /// Puts a version in storage: `module`'s file as `model.pt`, and `signature.json`.
+    fn store(&self, model: &str, version: u64, module: &str, sig: &str) -> AvailableVersion {
+        let dir = self.version_dir(model, version);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(modules().join(format!("{module}.pt")), dir.join("model.pt")).unwrap();
+        std::fs::write(dir.join("signature.json"), sig).unwrap();
+        AvailableVersion {
+            version: v(version),
+            path: format!("file://{}", dir.display()),
+            signatures: SignatureMap::from_json(sig.as_bytes()).unwrap(),
+        }
+    }
+
+    async fn publish(&self, model: &str, versions: Vec<AvailableVersion>) {
+        let value = AvailableVersions { versions };
+        self.registry
+            .put_available(&name(model), &value)
+            .await
+            .unwrap();
+    }
+
+    async fn aspire(&self, model: &str, versions: &[u64]) {
+        let value = AspiredVersions {
+            versions: versions.iter().copied().map(v).collect(),
+        };
+        self.registry
+            .put_aspired(&name(model), &value)
+            .await
+            .unwrap();
+    }
+
+    async fn pin(&self, model: &str, pin: Option<&str>) {
+        self.registry.set_pinned(&name(model), pin).await.unwrap();
+    }
+
+    fn view(&self, model: &str) -> Option<View> {
+        self.manager.table().models.get(&name(model)).map(View::of)
+    }
+
+    /// The model's view once `ok` holds for it.
+    async fn view_when(
+        &self,
+        model: &str,
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(&View) -> bool,
+    ) -> View {
+        eventually(what, limit, || match self.view(model) {
+            Some(view) if ok(&view) => Ok(view),
+            Some(view) => Err(format!("{view:?}")),
+            None => Err(format!("no entry for model {model}")),
+        })
+        .await
+    }
+
+    async fn available(&self, model: &str, version: u64) -> View {
+        self.view_when(
+            model,
+            &format!("{model} version {version} AVAILABLE"),
+            LIMIT,
+            |view| view.state(version) == Some(VersionState::Available),
+        )
+        .await
+    }
+
+    fn pick(&self, model: &str, version: Option<u64>) -> Result<Arc<LoadedVersion>, String> {
+        let table = self.manager.table();
+        let (model, entry) = table.model(model).map_err(|e| e.to_string())?;
+        entry.pick(model, version.map(v)).map_err(|e| e.to_string())
+    }
+
+    fn default_version(&self, model: &str) -> Arc<LoadedVersion> {
+        self.pick(model, None)
+            .unwrap_or_else(|e| panic!("no default version of {model}: {e}"))
+    }
+
+    fn record(&self) -> Option<WorkerRecord> {
+        self.registry
+            .subscribe()
+            .borrow()
+            .workers
+            .get(WORKER_ID)
+            .cloned()
+    }
+
+    /// Publishes `model` with version 1 (`scale1`) available and aspired, and waits until
+    /// it is AVAILABLE.
+    async fn serve_v1(&self, model: &str) -> Vec<AvailableVersion> {
+        let available = vec![self.store(model, 1, "scale1", SIG)];
+        self.publish(model, available.clone()).await;
+        self.aspire(model, &[1]).await;
+        self.available(model, 1).await;
+        available
+    }
+
+    /// Follows a change of `model`'s default version from `from` to `to`, already asked
+    /// for in the registry, through every table snapshot the tight loop sees until `from`
+    /// is END: there is a default version in each one, it stays `from` until `to` is
+    /// AVAILABLE, and `from` unloads only after that. Returns how many snapshots it saw,
+    /// and in how many of them `from` served while `to` was not AVAILABLE yet.
+    async fn follow_handover(&self, model: &str, from: u64, to: u64) -> (usize, usize) {
+        let model_name = name(model);
+        let started = Instant::now();
+        let (mut seen, mut bridged) = (0usize, 0usize);
+        loop {
+            seen += 1;
+            let (lv, from_state, to_state) = {
+                let table = self.manager.table();
+                let entry = &table.models[&model_name];
+                let lv = entry.pick(&model_name, None).unwrap_or_else(|e| {
+                    panic!(
+                        "snapshot {seen}: no default version: {e}; statuses {:?}",
+                        entry.statuses
+                    )
+                });
+                let view = View::of(entry);
+                (lv, view.state(from), view.state(to))
+            };
+            if to_state != Some(VersionState::Available) {
+                bridged += 1;
+                assert_eq!(
+                    lv.version,
+                    v(from),
+                    "snapshot {seen}: default left {from} while {to} is {to_state:?}"
+                );
+            }
+            if matches!(
+                from_state,
+                Some(VersionState::Unloading | VersionState::End)
+            ) {
+                assert_eq!(
+                    to_state,
+                    Some(VersionState::Available),
+                    "snapshot {seen}: {from} is {from_state:?} before {to} is AVAILABLE"
+                );
+            }
+            // Requests now and then: a picked version must still answer, whatever the
+            // manager does meanwhile.
+            if seen % 8 == 0 {
+                ask_checked(&lv).await;
+            }
+            if from_state == Some(VersionState::End) && lv.version == v(to) {
+                return (seen, bridged);
+            }
+            drop(lv);
+            assert!(
+                started.elapsed() < LIMIT,
+                "the handover from {from} to {to} did not finish within {LIMIT:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.manager.shutdown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_warms_up_and_serves_the_aspired_version() {
+    let w = Worker::start();
+    w.serve_v1("m").await;
+
+    let lv = w.default_version("m");
+    assert_eq!(lv.version, v(1));
+    assert_eq!(ask(&lv, 5.0).await.unwrap(), scaled(1, 5.0));
+    assert_eq!(w.pick("m", Some(1)).unwrap().version, v(1));
+    let err = w.pick("m", Some(2)).err().unwrap();
+    assert!(err.contains("version 2 is not loaded"), "{err}");
+    assert_eq!(w.view("m").unwrap().desired, vec![v(1)]);
+    // Loaded from the local cache, not from storage.
+    assert!(w.dir.path().join("cache/m/1/model.pt").is_file());
+
+    let record = eventually(
+        "the worker record shows version 1 AVAILABLE",
+        LIMIT,
+        || match w.record() {
+            Some(r) if r.available_versions(&name("m")) == vec![v(1)] => Ok(r),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert_eq!(
+        (record.address.as_str(), record.device.as_str()),
+        (ADDRESS, "cpu")
+    );
+    assert_eq!(record.models[&name("m")][&v(1)].error, None);
+    eventually("ready", LIMIT, || {
+        if *w.manager.ready().borrow() {
+            Ok(())
+        } else {
+            Err("not ready".into())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_aspired_version_replaces_the_old_without_a_gap() {
+    let w = Worker::start();
+    let mut available = w.serve_v1("m").await;
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+
+    let (seen, bridged) = w.follow_handover("m", 1, 2).await;
+    eprintln!("swap: {seen} snapshots, {bridged} of them served by 1 while 2 loaded");
+
+    let lv = w.default_version("m");
+    assert_eq!(ask(&lv, 4.0).await.unwrap(), scaled(2, 4.0));
+    assert_eq!(w.view("m").unwrap().loaded, vec![v(2)]);
+    let err = w.pick("m", Some(1)).err().unwrap();
+    assert!(err.contains("version 1 is END"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_finish_before_the_old_version_unloads() {
+    let w = Worker::start();
+    let mut available = vec![w.store("m", 1, "slow1", SIG)];
+    w.publish("m", available.clone()).await;
+    w.aspire("m", &[1]).await;
+    w.available("m", 1).await;
+
+    let v1 = w.default_version("m");
+    // Held the way a handler holds a version between `pick` and its reply.
+    let held = v1.clone();
+    let manager = w.manager.clone();
+    let slow = tokio::spawn(async move {
+        // Some 2 s of matmuls on one thread.
+        let answer = ask(&v1, 5000.0).await;
+        let state_when_answered = View::of(&manager.table().models[&name("m")]).state(1);
+        drop(v1);
+        (answer, state_when_answered)
+    });
+
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+    w.view_when(
+        "m",
+        "version 2 AVAILABLE and version 1 draining",
+        LIMIT,
+        |view| {
+            view.state(2) == Some(VersionState::Available)
+                && view.state(1) == Some(VersionState::Unloading)
+        },
+    )
+    .await;
+    assert_eq!(w.default_version("m").version, v(2));
+    // Unloading has begun, yet the version takes requests until nobody holds it.
+    assert_eq!(ask(&held, 7.0).await.unwrap(), scaled(1, 7.0));
+
+    let (answer, state_when_answered) = slow.await.unwrap();
+    assert_eq!(answer.unwrap(), scaled(1, 5000.0));
+    assert_ne!(state_when_answered, Some(VersionState::End));
+    assert_eq!(w.view("m").unwrap().state(1), Some(VersionState::Unloading));
+
+    drop(held);
+    w.view_when("m", "version 1 END", LIMIT, |view| {
+        view.state(1) == Some(VersionState::End)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_version_fails_keeps_the_old_one_and_loads_once_fixed() {
+    let w = Worker::start();
+    let mut available = w.serve_v1("m").await;
+    available.push(w.store("m", 2, "scale2", SIG));
+    let model_pt = w.version_dir("m", 2).join("model.pt");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    std::fs::write(&model_pt, noise).unwrap();
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+
+    let view = w
+        .view_when("m", "version 2 failed", LIMIT, |view| {
+            view.state(2) == Some(VersionState::End) && view.error(2).is_some()
+        })
+        .await;
+    let error = view.error(2).unwrap();
+    assert!(error.contains("model.pt"), "{error}");
+    assert_eq!(view.state(1), Some(VersionState::Available));
+    assert_eq!(view.default, Some(v(1)));
+    ask_checked(&w.default_version("m")).await;
+    eventually("the worker record shows the failure", LIMIT, || {
+        let record = w.record().ok_or("no record")?;
+        let status = record
+            .models
+            .get(&name("m"))
+            .and_then(|m| m.get(&v(2)))
+            .ok_or("no status of version 2")?;
+        match &status.error {
+            Some(e) if e.contains("model.pt") => Ok(()),
+            _ => Err(format!("{status:?}")),
+        }
+    })
+    .await;
+
+    // Renamed into place, so no retry reads a half-written file.
+    let staged = w.dir.path().join("storage/fixed.pt");
+    std::fs::copy(modules().join("scale2.pt"), &staged).unwrap();
+    std::fs::rename(&staged, &model_pt).unwrap();
+    let view = w.available("m", 2).await;
+    assert_eq!(view.error(2), None);
+    assert_eq!(
+        ask(&w.default_version("m"), 2.0).await.unwrap(),
+        scaled(2, 2.0)
+    );
+    w.view_when("m", "version 1 END", LIMIT, |view| {
+        view.state(1) == Some(VersionState::End)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_rolls_back_once_the_pinned_version_is_available() {
+    let w = Worker::start();
+    let available = vec![
+        w.store("m", 1, "scale1", SIG),
+        w.store("m", 2, "scale2", SIG),
+    ];
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+    let view = w.available("m", 2).await;
+    assert_eq!(view.loaded, vec![v(2)]);
+
+    w.pin("m", Some("1")).await;
+    let (seen, bridged) = w.follow_handover("m", 2, 1).await;
+    eprintln!("rollback: {seen} snapshots, {bridged} of them served by 2 while 1 loaded");
+    assert_eq!(w.view("m").unwrap().desired, vec![v(1)]);
+
+    w.pin("m", None).await;
+    let (seen, bridged) = w.follow_handover("m", 1, 2).await;
+    eprintln!("unpin: {seen} snapshots, {bridged} of them served by 1 while 2 loaded");
+    assert_eq!(w.view("m").unwrap().desired, vec![v(2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_among_loaded_versions_switches_the_default_at_once() {
+    let w = Worker::start();
+    let available = vec![
+        w.store("m", 1, "scale1", SIG),
+        w.store("m", 2, "scale2", SIG),
+    ];
+    w.publish("m", available).await;
+    // As the latest-2 policy aspires them.
+    w.aspire("m", &[1, 2]).await;
+    let view = w
+        .view_when("m", "both versions AVAILABLE", LIMIT, |view| {
+            view.loaded.len() == 2
+        })
+        .await;
+    assert_eq!(view.default, Some(v(2)));
+
+    w.pin("m", Some("1")).await;
+    // Version 1 needs no load, so the first table that knows of the pin already sends
+    // requests to it; the limit only covers the actor noticing the registry change.
+    let view = w
+        .view_when("m", "the pin seen", Duration::from_secs(5), |view| {
+            view.desired == vec![v(1)]
+        })
+        .await;
+    assert_eq!(view.default, Some(v(1)), "{view:?}");
+    assert_eq!(view.state(1), Some(VersionState::Available));
+    assert_eq!(
+        ask(&w.default_version("m"), 6.0).await.unwrap(),
+        scaled(1, 6.0)
+    );
+    w.view_when("m", "version 2 END", LIMIT, |view| {
+        view.state(2) == Some(VersionState::End)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_pins_change_nothing() {
+    let w = Worker::start();
+    let available = vec![
+        w.store("m", 1, "scale1", SIG),
+        w.store("m", 2, "scale2", SIG),
+    ];
+    w.publish("m", available).await;
+    w.aspire("m", &[1, 2]).await;
+    let before = w
+        .view_when("m", "both versions AVAILABLE", LIMIT, |view| {
+            view.loaded.len() == 2
+        })
+        .await;
+    let record_before = eventually("the record lists both", LIMIT, || match w.record() {
+        Some(r) if r.available_versions(&name("m")).len() == 2 => Ok(r),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+
+    for (round, pin) in ["3", "garbage", "1,3", "", "0", "-1"]
+        .into_iter()
+        .enumerate()
+    {
+        w.pin("m", Some(pin)).await;
+        // A later write to another model: once the table shows it, the manager has
+        // acted on the state that holds the pin too.
+        let marker = round as u64 + 1;
+        w.aspire("marker", &[marker]).await;
+        w.view_when("marker", "the marker seen", LIMIT, |view| {
+            view.desired == vec![v(marker)]
+        })
+        .await;
+        assert_eq!(w.view("m").unwrap(), before, "pin {pin:?}");
+        ask_checked(&w.default_version("m")).await;
+        assert_eq!(
+            w.record().unwrap().models[&name("m")],
+            record_before.models[&name("m")],
+            "pin {pin:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_model_unloads_and_leaves_the_table() {
+    let w = Worker::start();
+    w.serve_v1("gone").await;
+    w.serve_v1("stays").await;
+    // remove_model keeps an operator's pin; it must not keep the model.
+    w.pin("gone", Some("1")).await;
+    let gone = Arc::downgrade(&w.default_version("gone"));
+
+    w.registry.remove_model(&name("gone")).await.unwrap();
+    eventually("gone left the table", LIMIT, || match w.view("gone") {
+        None => Ok(()),
+        Some(view) => Err(format!("{view:?}")),
+    })
+    .await;
+    let err = w.pick("gone", None).err().unwrap();
+    assert!(err.contains("not found") || err.contains("gone"), "{err}");
+    assert!(
+        gone.upgrade().is_none(),
+        "version 1 of gone is still loaded"
+    );
+    eventually("gone left the worker record", LIMIT, || match w.record() {
+        Some(r) if !r.models.contains_key(&name("gone")) => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+
+    assert_eq!(
+        w.view("stays").unwrap().state(1),
+        Some(VersionState::Available)
+    );
+    ask_checked(&w.default_version("stays")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_mismatch_fails_only_that_version() {
+    let w = Worker::start();
+    w.serve_v1("good").await;
+    let typed = vec![w.store("typed", 1, "scale1", FLOAT64_SIG)];
+    w.publish("typed", typed).await;
+    w.aspire("typed", &[1]).await;
+
+    let view = w
+        .view_when("typed", "version 1 of typed failed", LIMIT, |view| {
+            view.state(1) == Some(VersionState::End) && view.error(1).is_some()
+        })
+        .await;
+    let error = view.error(1).unwrap();
+    assert!(
+        error.contains("output 'y'") && error.contains("DT_DOUBLE"),
+        "{error}"
+    );
+    assert!(view.loaded.is_empty());
+    assert!(w.pick("typed", None).is_err());
+
+    let good = w.view("good").unwrap();
+    assert_eq!(good.state(1), Some(VersionState::Available));
+    assert_eq!(good.error(1), None);
+    ask_checked(&w.default_version("good")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_unloads_everything_and_deregisters() {
+    let mut w = Worker::start();
+    w.serve_v1("m").await;
+    eventually("registered", LIMIT, || {
+        w.record().ok_or_else(|| "no record".to_string())
+    })
+    .await;
+    let v1 = Arc::downgrade(&w.default_version("m"));
+
+    w.manager.shutdown();
+    let handle = w.handle.take().unwrap();
+    tokio::time::timeout(LIMIT, handle)
+        .await
+        .expect("the manager did not stop")
+        .expect("the manager's task failed");
+
+    let state = w.registry.state().await.unwrap();
+    assert!(
+        !state.workers.contains_key(WORKER_ID),
+        "{:?}",
+        state.workers
+    );
+    assert!(w.record().is_none());
+    let view = w.view("m").unwrap();
+    assert!(view.loaded.is_empty());
+    assert_eq!(view.state(1), Some(VersionState::End));
+    assert!(v1.upgrade().is_none(), "version 1 is still loaded");
+}
