@@ -22,7 +22,11 @@ build: setup ## Build every binary (release)
 	$(CARGO) build --release --workspace --bins
 
 .PHONY: run
-run: build ## Export mnist v1 and serve it with aspire-server on 127.0.0.1:$(PORT) until Ctrl-C
+run: build ## Start etcd, discovery, two workers and the router (127.0.0.1:$(PORT)) serving mnist v1, until Ctrl-C
+	@bash scripts/run_stack.sh $(RELEASE_BIN) $(DEMO_DIR) $(PORT)
+
+.PHONY: run-server
+run-server: build ## The one-process way: aspire-server serving mnist v1 on 127.0.0.1:$(PORT), until Ctrl-C
 	@bash scripts/run_demo.sh $(RELEASE_BIN) $(DEMO_DIR) $(PORT)
 
 .PHONY: test

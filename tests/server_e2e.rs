@@ -179,8 +179,8 @@ async fn tutorial_version_swap_loses_no_request() {
     }
     println!(
         "v1 error rate {:.1}%, v2 error rate {:.1}%, steady requests {total_ok}",
-        v1.error_rate(),
-        v2.error_rate()
+        100.0 * v1.error_rate(),
+        100.0 * v2.error_rate()
     );
     assert_eq!(v2.failed_rpcs(), 0, "{}", v2.counts_line());
     assert_eq!(v2.versions.get(&2), Some(&1000), "{}", v2.counts_line());

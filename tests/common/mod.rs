@@ -56,21 +56,17 @@ where
     }
 }
 
-/// A running `aspire-server` process; killed when dropped.
-pub struct Server {
+/// A running child process whose stderr is captured; killed when dropped.
+pub struct Process {
     child: Child,
-    pub addr: String,
+    name: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
-impl Server {
-    /// Starts `aspire-server` on 127.0.0.1 with a free port and `args`, and waits until
-    /// it listens.
-    pub fn start(args: &[&str]) -> Server {
-        let port = free_port();
-        let mut child = Command::new(bin("aspire-server"))
-            .arg("--host=127.0.0.1")
-            .arg(format!("--port={port}"))
+impl Process {
+    /// Starts the workspace binary `name` with `args` (logging at info).
+    pub fn start(name: &str, args: &[String]) -> Process {
+        let mut child = Command::new(bin(name))
             .args(args)
             .env("RUST_LOG", "info")
             .env("ASPIRE_NUM_BATCH_THREADS", "2")
@@ -78,37 +74,35 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn aspire-server");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
+        let tag = name.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("ASPIRE_TEST_ECHO").is_some() {
-                    eprintln!("[server] {line}");
+                    eprintln!("[{tag}] {line}");
                 }
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let addr = format!("127.0.0.1:{port}");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "aspire-server exited with {status}; log:\n{}",
-                    log.lock().expect("log").join("\n")
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "aspire-server did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { child, addr, log }
+        Process { child, name: name.to_string(), log }
     }
 
-    /// What the server has logged so far.
+    /// Waits until something listens on `addr`; panics with the log if the process dies.
+    pub fn wait_listening(&mut self, addr: &str) {
+        let start = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited with {status}; log:\n{}", self.name, self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{} did not listen on {addr}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the process has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log").join("\n")
     }
@@ -118,32 +112,93 @@ impl Server {
         self.child.id()
     }
 
-    /// Sends SIGTERM and waits for a clean exit; returns the exit code.
-    pub fn terminate(mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "aspire-server ignored SIGTERM"
-            );
+            assert!(start.elapsed() < Duration::from_secs(30), "{} ignored SIGTERM", self.name);
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A gRPC channel to `addr`.
+pub async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// Waits until `version` of `model` is AVAILABLE (state 30) at the server on `addr`.
+pub async fn wait_available(addr: &str, model: &str, version: i64, limit: Duration) {
+    let client = ModelServiceClient::new(channel(addr).await);
+    eventually(limit, &format!("{model} v{version} AVAILABLE at {addr}"), || {
+        let mut client = client.clone();
+        async move {
+            let resp = client
+                .get_model_status(GetModelStatusRequest { model_spec: Some(spec(model, None)) })
+                .await
+                .ok()?;
+            resp.into_inner()
+                .model_version_status
+                .iter()
+                .any(|s| s.version == version && s.state == 30)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+/// A running `aspire-server` process; killed when dropped.
+pub struct Server {
+    process: Process,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `aspire-server` on 127.0.0.1 with a free port and `args`, and waits until
+    /// it listens.
+    pub fn start(args: &[&str]) -> Server {
+        let port = free_port();
+        let mut all = vec!["--host=127.0.0.1".to_string(), format!("--port={port}")];
+        all.extend(args.iter().map(ToString::to_string));
+        let mut process = Process::start("aspire-server", &all);
+        let addr = format!("127.0.0.1:{port}");
+        process.wait_listening(&addr);
+        Server { process, addr }
+    }
+
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        self.process.terminate()
     }
 
     /// A gRPC channel to it.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect")
+        channel(&self.addr).await
     }
 
     pub async fn predict_client(&self) -> PredictionServiceClient<Channel> {
@@ -156,33 +211,7 @@ impl Server {
 
     /// Waits until `version` of `model` is AVAILABLE (state 30).
     pub async fn wait_available(&self, model: &str, version: i64, limit: Duration) {
-        let mut client = self.model_client().await;
-        let what = format!("{model} v{version} AVAILABLE; log:\n{}", self.log());
-        eventually(limit, &what, || {
-            let mut client = client.clone();
-            async move {
-                let resp = client
-                    .get_model_status(GetModelStatusRequest {
-                        model_spec: Some(spec(model, None)),
-                    })
-                    .await
-                    .ok()?;
-                resp.into_inner()
-                    .model_version_status
-                    .iter()
-                    .any(|s| s.version == version && s.state == 30)
-                    .then_some(())
-            }
-        })
-        .await;
-        let _ = &mut client;
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_available(&self.addr, model, version, limit).await;
     }
 }
 

@@ -139,7 +139,7 @@ async fn probe_until_back(worker: Weak<WorkerHandle>, channel: Channel, mut wait
         let check = tokio::time::timeout(CONNECT_TIMEOUT, client.check(request)).await;
         if matches!(check, Ok(Ok(ref r)) if r.get_ref().status == ServingStatus::Serving as i32) {
             tracing::info!(worker = %handle.id, address = %handle.endpoint.address, "worker answers health checks again");
-            handle.down.store(false, Ordering::Release);
+            
             return;
         }
         wait = (wait * 2).min(MAX_PROBE_INTERVAL);

@@ -15,6 +15,11 @@ use crate::server::serve;
 use crate::service::ServingApi;
 use crate::version_manager::{ManagerConfig, VersionManager};
 
+/// How long an unloading version still answers requests that name it: routers see the
+/// worker's new record within milliseconds, so this is ample, and it delays freeing the
+/// old version's memory only by as much.
+pub const UNLOAD_GRACE: Duration = Duration::from_secs(2);
+
 /// What a worker needs besides its registry and listener.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -74,6 +79,7 @@ pub async fn run_worker(
         cache_dir: cache_dir.clone(),
         load_retry_initial: Duration::from_secs(1),
         load_retry_max: Duration::from_secs(60),
+        unload_grace: UNLOAD_GRACE,
     };
     let (manager, manager_task) = VersionManager::start(config, device_name, registry);
     let api = ServingApi::new(manager.clone(), settings.serving.output_encoding.into());

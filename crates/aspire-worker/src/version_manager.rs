@@ -49,6 +49,10 @@ pub struct ManagerConfig {
     pub load_retry_initial: Duration,
     /// Longest delay between retries.
     pub load_retry_max: Duration,
+    /// How long a version that is no longer desired keeps answering requests that name
+    /// it, after it is reported UNLOADING (routers choose versions from what they last
+    /// saw, so they need a moment to see the change).
+    pub unload_grace: Duration,
 }
 
 /// A version loaded into LibTorch with its batcher.
@@ -107,6 +111,8 @@ impl LoadedVersion {
 pub struct ModelEntry {
     /// AVAILABLE versions.
     pub loaded: BTreeMap<Version, Arc<LoadedVersion>>,
+    /// UNLOADING versions still answering requests that name them (never the default).
+    pub draining: BTreeMap<Version, Arc<LoadedVersion>>,
     /// The desired versions (pinned, else aspired).
     pub desired: Vec<Version>,
     /// Every version's status on this worker.
@@ -140,7 +146,7 @@ impl ModelEntry {
             available: self.loaded.keys().copied().collect(),
         };
         match requested {
-            Some(v) => self.loaded.get(&v).cloned().ok_or_else(|| {
+            Some(v) => self.loaded.get(&v).or_else(|| self.draining.get(&v)).cloned().ok_or_else(|| {
                 not_found(match self.statuses.get(&v) {
                     Some(s) => format!("version {v} is {}", s.state),
                     None => format!("version {v} is not loaded"),
@@ -262,7 +268,9 @@ enum Slot {
         attempts: u32,
     },
     Ready(Arc<LoadedVersion>),
-    Unloading,
+    /// Still answering requests that name it (routers may not have seen the new state
+    /// yet) while `Some`; then waiting for its requests in flight.
+    Unloading(Option<Arc<LoadedVersion>>),
     Failed {
         error: String,
         attempts: u32,
@@ -273,6 +281,8 @@ enum Slot {
 
 enum Event {
     Loaded(Key, Result<Arc<LoadedVersion>, String>),
+    /// The unload grace is over: stop answering requests for this version.
+    StopServing(Key),
     Unloaded(Key),
 }
 
@@ -359,6 +369,11 @@ impl Actor {
                     },
                 );
             }
+            Event::StopServing(key) => {
+                if let Some(Slot::Unloading(serving)) = self.slots.get_mut(&key) {
+                    *serving = None;
+                }
+            }
             Event::Unloaded(key) => {
                 tracing::info!(model = %key.0, version = %key.1, "version unloaded");
                 self.slots.insert(key, Slot::Ended);
@@ -406,7 +421,7 @@ impl Actor {
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in to_unload {
-                self.start_unload(key);
+                self.start_unload(key, self.config.unload_grace);
             }
         }
         // A model discovery stopped listing is forgotten once its versions are unloaded,
@@ -428,16 +443,24 @@ impl Actor {
         });
     }
 
-    fn start_unload(&mut self, key: Key) {
+    /// Unloads a Ready version. During `grace` it reports UNLOADING (so routers stop
+    /// choosing it) but still answers requests that name it, since a router may have
+    /// chosen it just before it saw the new state.
+    fn start_unload(&mut self, key: Key, grace: Duration) {
         let lv = match self.slots.get(&key) {
             Some(Slot::Ready(lv)) => lv.clone(),
             _ => return,
         };
-        self.slots.insert(key.clone(), Slot::Unloading);
-        tracing::info!(model = %key.0, version = %key.1, "unloading version");
+        let serving = (!grace.is_zero()).then(|| lv.clone());
+        self.slots.insert(key.clone(), Slot::Unloading(serving));
+        tracing::info!(model = %key.0, version = %key.1, ?grace, "unloading version");
         let tx = self.events_tx.clone();
         let cache = version_cache_dir(&self.config, &key);
         tokio::spawn(async move {
+            if !grace.is_zero() {
+                tokio::time::sleep(grace).await;
+                let _ = tx.send(Event::StopServing(key.clone()));
+            }
             unload_version(lv).await;
             let _ = tokio::fs::remove_dir_all(cache).await;
             let _ = tx.send(Event::Unloaded(key));
@@ -450,7 +473,7 @@ impl Actor {
             let (state, error) = match slot {
                 Slot::Loading { .. } => (VersionState::Loading, None),
                 Slot::Ready(_) => (VersionState::Available, None),
-                Slot::Unloading => (VersionState::Unloading, None),
+                Slot::Unloading(_) => (VersionState::Unloading, None),
                 Slot::Failed { error, .. } => (VersionState::End, Some(error.clone())),
                 Slot::Ended => (VersionState::End, None),
             };
@@ -486,11 +509,20 @@ impl Actor {
                     _ => None,
                 })
                 .collect();
+            let draining = self
+                .slots
+                .iter()
+                .filter_map(|((m, v), s)| match s {
+                    Slot::Unloading(Some(lv)) if m == &model => Some((*v, lv.clone())),
+                    _ => None,
+                })
+                .collect();
             if !desired.is_empty() && loaded.is_empty() {
                 ready = false;
             }
             let entry = ModelEntry {
                 loaded,
+                draining,
                 desired,
                 statuses: statuses.remove(&model).unwrap_or_default(),
                 available: self
@@ -546,18 +578,18 @@ impl Actor {
         }
         let keys: Vec<Key> = self.slots.keys().cloned().collect();
         for key in keys {
-            self.start_unload(key);
+            self.start_unload(key, Duration::ZERO);
         }
         self.publish_table();
         while self
             .slots
             .values()
-            .any(|s| matches!(s, Slot::Unloading | Slot::Loading { .. }))
+            .any(|s| matches!(s, Slot::Unloading(_) | Slot::Loading { .. }))
         {
             match events.recv().await {
                 Some(Event::Loaded(key, Ok(lv))) => {
                     self.slots.insert(key.clone(), Slot::Ready(lv));
-                    self.start_unload(key);
+                    self.start_unload(key, Duration::ZERO);
                 }
                 Some(ev) => self.on_event(ev),
                 None => break,

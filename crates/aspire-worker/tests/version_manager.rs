@@ -208,6 +208,7 @@ impl Worker {
             cache_dir: dir.path().join("cache"),
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
+            unload_grace: Duration::ZERO,
         };
         let (manager, handle) =
             VersionManager::start(config, "cpu".into(), registry.clone() as Arc<dyn Registry>);

@@ -185,3 +185,45 @@ async fn other_errors_go_back_as_they_came_without_retry() {
     }
     assert!(a.state.calls() > ca && b.state.calls() > cb);
 }
+
+/// A "worker" that accepts connections, reads what comes, and closes them without an
+/// answer: a process that crashed mid-call.
+async fn crashing_worker() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+                drop(socket);
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_worker_that_drops_the_connection_mid_call_costs_no_request() {
+    let cluster = Cluster::start().await;
+    let b = FakeWorker::start("b").await;
+    let (crashing, accepted) = crashing_worker().await;
+    cluster.model("m", &[1], &[1]).await;
+    let rec = record(&crashing.to_string(), "m", &[(1, Available)]);
+    cluster.registry.put_worker("crashing", &rec).await.unwrap();
+    cluster.register(&b, &[(1, Available)]).await;
+    cluster.sync().await;
+    let mut client = cluster.client();
+    for i in 0..20 {
+        let answer = predict(&mut client, "m", None).await;
+        assert_eq!(answer.unwrap(), ("b".into(), 1), "request {i}");
+    }
+    let tried = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // Tried once (it is picked half the time), then skipped.
+    assert_eq!(tried, 1, "the crashing worker was tried {tried} times");
+}
