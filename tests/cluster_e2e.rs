@@ -14,14 +14,19 @@ use aspire_mnist::client::{ClientOptions, ClientReport, build_request, run_clien
 use aspire_proto::serving::model_spec::VersionChoice;
 use aspire_proto::serving::prediction_service_client::PredictionServiceClient;
 use aspire_registry::etcd_server::EtcdServer;
-use aspire_tests::{Process, channel, copy_dir, eventually, free_port, wait_available, workspace_root};
+use aspire_tests::{
+    Process, channel, copy_dir, eventually, free_port, wait_available, workspace_root,
+};
 use clap::Parser;
 
 const LIMIT: Duration = Duration::from_secs(90);
 const PREFIX: &str = "/e2e";
 
 fn mnist_data() -> String {
-    workspace_root().join("data/mnist_5k.csv.gz").display().to_string()
+    workspace_root()
+        .join("data/mnist_5k.csv.gz")
+        .display()
+        .to_string()
 }
 
 fn export(dir: &Path, iterations: u32, version: u32) {
@@ -42,7 +47,11 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run etcdctl");
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -59,9 +68,18 @@ async fn client(addr: &str, num_tests: usize) -> ClientReport {
 }
 
 /// The version that answers a default request through the router.
-async fn default_version(c: &mut PredictionServiceClient<tonic::transport::Channel>) -> Option<i64> {
+async fn default_version(
+    c: &mut PredictionServiceClient<tonic::transport::Channel>,
+) -> Option<i64> {
     let req = build_request(&ClientOptions::parse_from(["mnist-client"]), &[0.0; 784]);
-    match c.predict(req).await.ok()?.into_inner().model_spec?.version_choice? {
+    match c
+        .predict(req)
+        .await
+        .ok()?
+        .into_inner()
+        .model_spec?
+        .version_choice?
+    {
         VersionChoice::Version(v) => Some(v),
         VersionChoice::VersionLabel(_) => None,
     }
@@ -70,10 +88,14 @@ async fn default_version(c: &mut PredictionServiceClient<tonic::transport::Chann
 /// Waits until default requests are answered by `version`; returns how long it took.
 async fn wait_default(addr: &str, version: i64, since: Instant) -> Duration {
     let c = PredictionServiceClient::new(channel(addr).await);
-    eventually(LIMIT, &format!("default requests answered by v{version}"), || {
-        let mut c = c.clone();
-        async move { (default_version(&mut c).await == Some(version)).then(|| since.elapsed()) }
-    })
+    eventually(
+        LIMIT,
+        &format!("default requests answered by v{version}"),
+        || {
+            let mut c = c.clone();
+            async move { (default_version(&mut c).await == Some(version)).then(|| since.elapsed()) }
+        },
+    )
     .await
 }
 
@@ -97,10 +119,20 @@ async fn cluster_scenario_loses_no_request() {
     let monitored = tmp.path().join("monitored");
     copy_dir(&exported.join("1"), &monitored.join("1"));
 
-    let etcd_flags = [format!("--etcd-endpoints={endpoint}"), format!("--prefix={PREFIX}")];
+    let etcd_flags = [
+        format!("--etcd-endpoints={endpoint}"),
+        format!("--prefix={PREFIX}"),
+    ];
     let _discovery = Process::start(
         "aspire-discovery",
-        &[&etcd_flags[..], &["--model_name=mnist".into(), format!("--model_base_path={}", monitored.display())]].concat(),
+        &[
+            &etcd_flags[..],
+            &[
+                "--model_name=mnist".into(),
+                format!("--model_base_path={}", monitored.display()),
+            ],
+        ]
+        .concat(),
     );
     let mut workers = Vec::new();
     for id in ["w1", "w2"] {
@@ -126,7 +158,11 @@ async fn cluster_scenario_loses_no_request() {
     let router_addr = format!("127.0.0.1:{router_port}");
     let mut router = Process::start(
         "aspire-router",
-        &[&etcd_flags[..], &["--host=127.0.0.1".into(), format!("--port={router_port}")]].concat(),
+        &[
+            &etcd_flags[..],
+            &["--host=127.0.0.1".into(), format!("--port={router_port}")],
+        ]
+        .concat(),
     );
     router.wait_listening(&router_addr);
     wait_available(&router_addr, "mnist", 1, LIMIT).await;
@@ -149,14 +185,17 @@ async fn cluster_scenario_loses_no_request() {
             let opts = ClientOptions::parse_from(["mnist-client"]);
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
-                let mut req = tonic::Request::new(build_request(&opts, data.test.image(i % data.test.len())));
+                let mut req =
+                    tonic::Request::new(build_request(&opts, data.test.image(i % data.test.len())));
                 req.set_timeout(Duration::from_secs(30));
                 let result = c.predict(req).await;
                 let mut s = steady.lock().expect("lock");
                 match result {
                     Ok(r) => {
                         s.ok += 1;
-                        if let Some(VersionChoice::Version(v)) = r.into_inner().model_spec.and_then(|m| m.version_choice) {
+                        if let Some(VersionChoice::Version(v)) =
+                            r.into_inner().model_spec.and_then(|m| m.version_choice)
+                        {
                             s.answers.push((Instant::now(), v));
                         }
                     }
@@ -175,7 +214,10 @@ async fn cluster_scenario_loses_no_request() {
 
     // Roll back with etcdctl: v1 loads again, then default requests get v1.
     let t = Instant::now();
-    etcdctl(&endpoint, &["put", &format!("{PREFIX}/models/mnist/pinned"), "1"]);
+    etcdctl(
+        &endpoint,
+        &["put", &format!("{PREFIX}/models/mnist/pinned"), "1"],
+    );
     wait_available(&router_addr, "mnist", 1, LIMIT).await;
     let v1_available = t.elapsed();
     let t_avail = Instant::now();
@@ -197,14 +239,24 @@ async fn cluster_scenario_loses_no_request() {
 
     // Garbage in `pinned` is ignored as a whole: v1 stays (the pin is invalid, so the
     // aspired v2 is desired again; v1 keeps serving until v2 is AVAILABLE).
-    etcdctl(&endpoint, &["put", &format!("{PREFIX}/models/mnist/pinned"), "1,x"]);
-    let status = Command::new(aspire_tests::bin("aspirectl")).args(&etcd_flags).arg("status").output().expect("aspirectl");
+    etcdctl(
+        &endpoint,
+        &["put", &format!("{PREFIX}/models/mnist/pinned"), "1,x"],
+    );
+    let status = Command::new(aspire_tests::bin("aspirectl"))
+        .args(&etcd_flags)
+        .arg("status")
+        .output()
+        .expect("aspirectl");
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("IGNORED"), "{status}");
 
     // Unpin: v2 back.
     let t = Instant::now();
-    etcdctl(&endpoint, &["del", &format!("{PREFIX}/models/mnist/pinned")]);
+    etcdctl(
+        &endpoint,
+        &["del", &format!("{PREFIX}/models/mnist/pinned")],
+    );
     let to_v2_again = wait_default(&router_addr, 2, t).await;
     println!("unpin -> v2 served by default: {to_v2_again:?}");
 
@@ -233,5 +285,9 @@ async fn cluster_scenario_loses_no_request() {
     assert_eq!(v2.failed_rpcs(), 0, "{}", v2.counts_line());
     assert_eq!(v2.versions.get(&2), Some(&1000), "{}", v2.counts_line());
     assert!(v2.error_rate() < v1.error_rate());
-    assert_eq!(router.terminate(), Some(0), "router exits cleanly on SIGTERM");
+    assert_eq!(
+        router.terminate(),
+        Some(0),
+        "router exits cleanly on SIGTERM"
+    );
 }

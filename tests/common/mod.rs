@@ -87,7 +87,11 @@ impl Process {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        Process { child, name: name.to_string(), log }
+        Process {
+            child,
+            name: name.to_string(),
+            log,
+        }
     }
 
     /// Waits until something listens on `addr`; panics with the log if the process dies.
@@ -97,7 +101,11 @@ impl Process {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("{} exited with {status}; log:\n{}", self.name, self.log());
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "{} did not listen on {addr}", self.name);
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} did not listen on {addr}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -120,13 +128,20 @@ impl Process {
 
     /// Sends SIGTERM and waits for the exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "{} ignored SIGTERM", self.name);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{} ignored SIGTERM",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -150,20 +165,26 @@ pub async fn channel(addr: &str) -> Channel {
 /// Waits until `version` of `model` is AVAILABLE (state 30) at the server on `addr`.
 pub async fn wait_available(addr: &str, model: &str, version: i64, limit: Duration) {
     let client = ModelServiceClient::new(channel(addr).await);
-    eventually(limit, &format!("{model} v{version} AVAILABLE at {addr}"), || {
-        let mut client = client.clone();
-        async move {
-            let resp = client
-                .get_model_status(GetModelStatusRequest { model_spec: Some(spec(model, None)) })
-                .await
-                .ok()?;
-            resp.into_inner()
-                .model_version_status
-                .iter()
-                .any(|s| s.version == version && s.state == 30)
-                .then_some(())
-        }
-    })
+    eventually(
+        limit,
+        &format!("{model} v{version} AVAILABLE at {addr}"),
+        || {
+            let mut client = client.clone();
+            async move {
+                let resp = client
+                    .get_model_status(GetModelStatusRequest {
+                        model_spec: Some(spec(model, None)),
+                    })
+                    .await
+                    .ok()?;
+                resp.into_inner()
+                    .model_version_status
+                    .iter()
+                    .any(|s| s.version == version && s.state == 30)
+                    .then_some(())
+            }
+        },
+    )
     .await;
 }
 

@@ -18,22 +18,43 @@ use crate::storage_poller::{ModelsHandle, StoragePoller};
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Name of the one model to serve (with --model_base_path).
-    #[arg(long = "model_name", visible_alias = "model-name", env = "ASPIRE_MODEL_NAME", default_value = "default")]
+    #[arg(
+        long = "model_name",
+        visible_alias = "model-name",
+        env = "ASPIRE_MODEL_NAME",
+        default_value = "default"
+    )]
     pub model_name: String,
     /// Where its numbered versions are: a directory, file://, s3://, gs:// or az:// URL.
-    #[arg(long = "model_base_path", visible_alias = "model-base-path", env = "ASPIRE_MODEL_BASE_PATH")]
+    #[arg(
+        long = "model_base_path",
+        visible_alias = "model-base-path",
+        env = "ASPIRE_MODEL_BASE_PATH"
+    )]
     pub model_base_path: Option<String>,
     /// TensorFlow Serving's text-format ModelServerConfig, for several models.
-    #[arg(long = "model_config_file", visible_alias = "model-config-file", env = "ASPIRE_MODEL_CONFIG_FILE",
-          conflicts_with = "model_base_path")]
+    #[arg(
+        long = "model_config_file",
+        visible_alias = "model-config-file",
+        env = "ASPIRE_MODEL_CONFIG_FILE",
+        conflicts_with = "model_base_path"
+    )]
     pub model_config_file: Option<PathBuf>,
     /// Re-read --model_config_file every N seconds (0: read once).
-    #[arg(long = "model_config_file_poll_wait_seconds", visible_alias = "model-config-file-poll-wait-seconds",
-          env = "ASPIRE_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS", default_value_t = 0)]
+    #[arg(
+        long = "model_config_file_poll_wait_seconds",
+        visible_alias = "model-config-file-poll-wait-seconds",
+        env = "ASPIRE_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS",
+        default_value_t = 0
+    )]
     pub model_config_file_poll_wait_seconds: u64,
     /// Poll storage for new versions every N seconds (0: once at startup).
-    #[arg(long = "file_system_poll_wait_seconds", visible_alias = "file-system-poll-wait-seconds",
-          env = "ASPIRE_FILE_SYSTEM_POLL_WAIT_SECONDS", default_value_t = 1)]
+    #[arg(
+        long = "file_system_poll_wait_seconds",
+        visible_alias = "file-system-poll-wait-seconds",
+        env = "ASPIRE_FILE_SYSTEM_POLL_WAIT_SECONDS",
+        default_value_t = 1
+    )]
     pub file_system_poll_wait_seconds: u64,
 }
 
@@ -53,12 +74,18 @@ impl ModelArgs {
 fn read_model_config_file(path: &Path) -> Result<Vec<ModelConfig>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--model_config_file {}: {e}", path.display()))?;
-    parse_model_config_file(&text).map_err(|e| format!("--model_config_file {}: {e}", path.display()))
+    parse_model_config_file(&text)
+        .map_err(|e| format!("--model_config_file {}: {e}", path.display()))
 }
 
 /// Polls storage and publishes to `registry` until `stop` is cancelled; re-reads the model
 /// config file when asked to. `models` is what [`ModelArgs::models`] returned at startup.
-pub async fn run(args: ModelArgs, models: Vec<ModelConfig>, registry: Arc<dyn Registry>, stop: CancellationToken) {
+pub async fn run(
+    args: ModelArgs,
+    models: Vec<ModelConfig>,
+    registry: Arc<dyn Registry>,
+    stop: CancellationToken,
+) {
     let poller = StoragePoller::new(models.clone());
     let reload = args
         .model_config_file
@@ -66,10 +93,18 @@ pub async fn run(args: ModelArgs, models: Vec<ModelConfig>, registry: Arc<dyn Re
         .filter(|_| args.model_config_file_poll_wait_seconds > 0)
         .map(|path| {
             let every = Duration::from_secs(args.model_config_file_poll_wait_seconds);
-            tokio::spawn(reload_model_config(path, every, models, poller.handle(), stop.clone()))
+            tokio::spawn(reload_model_config(
+                path,
+                every,
+                models,
+                poller.handle(),
+                stop.clone(),
+            ))
         });
     let interval = Duration::from_secs(args.file_system_poll_wait_seconds);
-    poller.run(registry, interval, stop.clone().cancelled_owned()).await;
+    poller
+        .run(registry, interval, stop.clone().cancelled_owned())
+        .await;
     if let Some(task) = reload {
         let _ = task.await;
     }

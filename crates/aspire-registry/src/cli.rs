@@ -12,14 +12,24 @@ use crate::{EtcdOptions, EtcdRegistry, RegistryError};
 #[derive(Debug, Clone, Args)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated.
-    #[arg(long = "etcd-endpoints", visible_alias = "etcd_endpoints", env = "ASPIRE_ETCD_ENDPOINTS",
-          value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long = "etcd-endpoints",
+        visible_alias = "etcd_endpoints",
+        env = "ASPIRE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub etcd_endpoints: Vec<String>,
     /// Prefix of every Aspire key in etcd.
     #[arg(long, env = "ASPIRE_PREFIX", default_value = DEFAULT_PREFIX)]
     pub prefix: String,
     /// Seconds a worker's registration outlives the worker (its etcd lease).
-    #[arg(long = "lease-ttl", visible_alias = "lease_ttl", env = "ASPIRE_LEASE_TTL", default_value_t = 10)]
+    #[arg(
+        long = "lease-ttl",
+        visible_alias = "lease_ttl",
+        env = "ASPIRE_LEASE_TTL",
+        default_value_t = 10
+    )]
     pub lease_ttl: u64,
 }
 

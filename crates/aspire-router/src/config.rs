@@ -1,10 +1,11 @@
 //! The router's flags. Each is accepted in kebab-case and snake_case (TensorFlow Serving's
 //! spelling) and falls back to an `ASPIRE_*` environment variable, named as for
-//! `aspire-server` where the two share a flag.
+//! `aspire-server` where the two share a flag; the etcd flags are the ones every clustered
+//! binary takes ([`EtcdArgs`]).
 
 use std::time::Duration;
 
-use aspire_core::keys::DEFAULT_PREFIX;
+use aspire_registry::cli::EtcdArgs;
 use clap::Parser;
 
 /// TensorFlow Serving's limit on message size (2 GiB − 1), the default of
@@ -25,18 +26,10 @@ pub struct RouterConfig {
     /// Address to listen on.
     #[arg(long, env = "ASPIRE_HOST", default_value = "0.0.0.0")]
     pub host: String,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long = "etcd-endpoints",
-        visible_alias = "etcd_endpoints",
-        env = "ASPIRE_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    pub etcd_endpoints: Vec<String>,
-    /// Registry key prefix shared by the cluster's roles.
-    #[arg(long, env = "ASPIRE_PREFIX", default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    /// Where etcd is and which key prefix to work under (`--lease-ttl` does not apply:
+    /// the router registers nothing).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Worker threads of the async runtime [default: the CPUs this process may use].
     #[arg(
         long = "runtime-worker-threads",
@@ -62,8 +55,10 @@ pub struct RouterConfig {
 impl RouterConfig {
     /// Checks the values clap cannot; the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
-            return Err("--etcd-endpoints is empty; give at least one, e.g. http://127.0.0.1:2379".into());
+        if self.etcd.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err(
+                "--etcd-endpoints is empty; give at least one, e.g. http://127.0.0.1:2379".into(),
+            );
         }
         if self.runtime_worker_threads == Some(0) {
             return Err("--runtime-worker-threads must be at least 1".into());
@@ -84,15 +79,6 @@ impl RouterConfig {
             .max(1)
     }
 
-    /// The etcd endpoints, trimmed, without empty entries.
-    pub fn endpoints(&self) -> Vec<String> {
-        self.etcd_endpoints
-            .iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect()
-    }
-
     /// [`Self::worker_probe_interval_ms`] as a duration.
     pub fn worker_probe_interval(&self) -> Duration {
         Duration::from_millis(self.worker_probe_interval_ms)
@@ -111,17 +97,28 @@ mod tests {
     fn spellings_and_defaults() {
         let c = parse(&[
             "--etcd_endpoints",
-            "http://a:2379, http://b:2379",
+            "http://a:2379,http://b:2379",
             "--max_message_size_bytes",
             "10",
             "--runtime_worker_threads=2",
         ])
         .unwrap();
-        assert_eq!(c.endpoints(), vec!["http://a:2379", "http://b:2379"]);
+        assert_eq!(
+            c.etcd.etcd_endpoints,
+            vec!["http://a:2379", "http://b:2379"]
+        );
+        assert_eq!(c.etcd.prefix, "/aspire");
+        assert_eq!(c.port, 8500);
         assert_eq!(c.max_message_size_bytes, 10);
         assert_eq!(c.runtime_threads(), 2);
-        let c = parse(&["--etcd-endpoints", "http://e:1", "--worker-probe-interval-ms", "5"]).unwrap();
-        assert_eq!(c.endpoints(), vec!["http://e:1"]);
+        let c = parse(&[
+            "--etcd-endpoints",
+            "http://e:1",
+            "--worker-probe-interval-ms",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.etcd.etcd_endpoints, vec!["http://e:1"]);
         assert_eq!(c.worker_probe_interval(), Duration::from_millis(5));
         assert!(c.validate().is_ok());
     }
@@ -129,10 +126,19 @@ mod tests {
     #[test]
     fn invalid_values_name_the_flag() {
         for (args, flag) in [
-            (&["--runtime-worker-threads", "0"][..], "--runtime-worker-threads"),
-            (&["--max-message-size-bytes", "0"][..], "--max-message-size-bytes"),
+            (
+                &["--runtime-worker-threads", "0"][..],
+                "--runtime-worker-threads",
+            ),
+            (
+                &["--max-message-size-bytes", "0"][..],
+                "--max-message-size-bytes",
+            ),
             (&["--etcd-endpoints", " "][..], "--etcd-endpoints"),
-            (&["--worker-probe-interval-ms", "0"][..], "--worker-probe-interval-ms"),
+            (
+                &["--worker-probe-interval-ms", "0"][..],
+                "--worker-probe-interval-ms",
+            ),
         ] {
             let err = parse(args).unwrap().validate().unwrap_err();
             assert!(err.contains(flag), "{args:?}: {err}");

@@ -84,16 +84,25 @@ mod tests {
             served: vec!["a".into(), "b".into()],
         });
         assert_eq!(unknown.code(), Code::NotFound);
-        assert_eq!(unknown.message(), "model 'x' is not served; models served: a, b");
+        assert_eq!(
+            unknown.message(),
+            "model 'x' is not served; models served: a, b"
+        );
         let none = Status::from(RouterError::ModelNotFound {
             model: "x".into(),
             served: vec![],
         });
         assert!(none.message().ends_with("models served: none"));
         for (e, code) in [
-            (RouterError::InvalidArgument("bad".into()), Code::InvalidArgument),
+            (
+                RouterError::InvalidArgument("bad".into()),
+                Code::InvalidArgument,
+            ),
             (RouterError::NoLiveWorker("down".into()), Code::Unavailable),
-            (RouterError::DeadlineExceeded("late".into()), Code::DeadlineExceeded),
+            (
+                RouterError::DeadlineExceeded("late".into()),
+                Code::DeadlineExceeded,
+            ),
             (RouterError::Unimplemented("no".into()), Code::Unimplemented),
         ] {
             assert_eq!(Status::from(e).code(), code);

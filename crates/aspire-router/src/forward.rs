@@ -57,7 +57,11 @@ impl Router {
             answer => return answer,
         };
         worker.mark_down(failure.message(), self.probe_after);
-        let Some(other) = self.table.load().route_exact(&model_spec.name, version) else {
+        let Some(other) = self
+            .table
+            .load()
+            .route_exact(&model_spec.name, version, &worker)
+        else {
             return Err(went_away(&worker, &failure));
         };
         tracing::debug!(

@@ -195,8 +195,13 @@ impl PredictionService for RouterApi {
     }
 
     /// Never called: [`crate::prediction_service`] takes Predict before this server.
-    async fn predict(&self, _: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
-        Err(Status::internal("Predict reached the typed server; this is a router bug"))
+    async fn predict(
+        &self,
+        _: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
+        Err(Status::internal(
+            "Predict reached the typed server; this is a router bug",
+        ))
     }
 
     async fn multi_inference(

@@ -99,16 +99,21 @@ impl RoutingTable {
                 .default_version()
                 .ok_or_else(|| self.no_live_worker(routes, None))?,
         };
-        workers::pick(routes.workers(version))
+        workers::pick(routes.workers(version), None)
             .map(|w| (version, Arc::clone(w)))
             .ok_or_else(|| self.no_live_worker(routes, Some(version)))
     }
 
-    /// Another live worker with exactly `version`, for a retry: the same version, so the
-    /// answer does not change.
-    pub(crate) fn route_exact(&self, model: &str, version: Version) -> Option<Arc<WorkerHandle>> {
+    /// Another live worker with exactly `version`, not at `failed`'s address, for a
+    /// retry: the same version, so the answer does not change.
+    pub(crate) fn route_exact(
+        &self,
+        model: &str,
+        version: Version,
+        failed: &WorkerHandle,
+    ) -> Option<Arc<WorkerHandle>> {
         let routes = self.models.get(model)?;
-        workers::pick(routes.workers(version)).cloned()
+        workers::pick(routes.workers(version), Some(&failed.endpoint)).cloned()
     }
 
     fn no_live_worker(&self, routes: &ModelRoutes, version: Option<Version>) -> RouterError {

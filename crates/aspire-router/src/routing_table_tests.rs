@@ -65,12 +65,18 @@ use VersionState::{Available, Loading};
 #[tokio::test]
 async fn default_version_prefers_desired_then_highest_available() {
     let mut c = Cluster::new(&[3]);
-    c.worker("a", &record(1, &[(1, Available), (2, Available), (3, Loading)]));
+    c.worker(
+        "a",
+        &record(1, &[(1, Available), (2, Available), (3, Loading)]),
+    );
     let mut b = TableBuilder::default();
     let t = c.table(&mut b);
     // Version 3 is desired but only loading: serve the highest AVAILABLE meanwhile.
     assert_eq!(t.route("m", None).unwrap().0, v(2));
-    c.worker("a", &record(1, &[(1, Available), (2, Available), (3, Available)]));
+    c.worker(
+        "a",
+        &record(1, &[(1, Available), (2, Available), (3, Available)]),
+    );
     assert_eq!(c.table(&mut b).route("m", None).unwrap().0, v(3));
     // A desired version below the highest AVAILABLE one wins (a rollback).
     let mut c = Cluster::new(&[1]);
@@ -81,7 +87,10 @@ async fn default_version_prefers_desired_then_highest_available() {
 #[tokio::test]
 async fn explicit_versions_and_not_found_sentences() {
     let mut c = Cluster::new(&[2]);
-    c.worker("a", &record(1, &[(1, Available), (2, Available), (3, Loading)]));
+    c.worker(
+        "a",
+        &record(1, &[(1, Available), (2, Available), (3, Loading)]),
+    );
     let t = c.table(&mut TableBuilder::default());
     assert_eq!(t.route("m", Some(v(1))).unwrap().0, v(1));
     let err = t.route("m", Some(v(3))).unwrap_err().to_string();
@@ -99,14 +108,17 @@ async fn known_model_without_live_workers_is_unavailable() {
     let mut b = TableBuilder::default();
     let err = c.table(&mut b).route("m", None).unwrap_err();
     assert!(matches!(err, RouterError::NoLiveWorker(_)), "{err}");
-    assert!(err.to_string().contains("no worker has model 'm' AVAILABLE yet"));
+    assert!(
+        err.to_string()
+            .contains("no worker has model 'm' AVAILABLE yet")
+    );
     c.worker("a", &record(1, &[(1, Available)]));
     let t = c.table(&mut b);
     t.workers[0].mark_down("test", Duration::from_secs(3600));
     let err = t.route("m", Some(v(1))).unwrap_err();
     assert!(matches!(err, RouterError::NoLiveWorker(_)), "{err}");
     assert!(err.to_string().contains("failed just now (a)"), "{err}");
-    assert!(t.route_exact("m", v(1)).is_none());
+    assert!(t.route_exact("m", v(1), &t.workers[0]).is_none());
 }
 
 #[tokio::test]
@@ -127,7 +139,10 @@ async fn unchanged_records_keep_their_handle_and_down_mark() {
     let t3 = c.table(&mut builder);
     assert!(!Arc::ptr_eq(&t1.workers[0], &t3.workers[0]));
     assert!(t3.workers[0].is_live());
-    assert!(Arc::ptr_eq(&t1.workers[0].endpoint, &t3.workers[0].endpoint));
+    assert!(Arc::ptr_eq(
+        &t1.workers[0].endpoint,
+        &t3.workers[0].endpoint
+    ));
 }
 
 #[tokio::test]
@@ -160,5 +175,26 @@ fn requested_versions() {
     let label = spec(Some(VersionChoice::VersionLabel("stable".into())));
     let err = requested_version(&label).unwrap_err();
     assert!(matches!(err, RouterError::InvalidArgument(_)));
-    assert!(err.to_string().contains("version_label 'stable' is not supported"));
+    assert!(
+        err.to_string()
+            .contains("version_label 'stable' is not supported")
+    );
+}
+
+#[tokio::test]
+async fn a_retry_avoids_the_failed_address_even_under_a_new_registration() {
+    let mut c = Cluster::new(&[1]);
+    c.worker("a", &record(1, &[(1, Available)]));
+    let mut builder = TableBuilder::default();
+    let failed = Arc::clone(&c.table(&mut builder).workers[0]);
+    // While the call on "a" was in flight, "a" re-registered (new record, new handle).
+    c.worker("a", &record(1, &[(1, Available), (2, Loading)]));
+    let t = c.table(&mut builder);
+    assert!(t.workers[0].is_live());
+    assert!(t.route_exact("m", v(1), &failed).is_none());
+    c.worker("b", &record(2, &[(1, Available)]));
+    let t = c.table(&mut builder);
+    for _ in 0..50 {
+        assert_eq!(t.route_exact("m", v(1), &failed).unwrap().id, "b");
+    }
 }

@@ -121,7 +121,8 @@ fn split(body: &Bytes) -> Result<SplitRequest, String> {
     };
     let bad_spec = |e: prost::DecodeError| format!("model_spec is not a valid ModelSpec: {e}");
     if !several {
-        let model_spec = ModelSpec::decode(&body[first.value_start..first.end]).map_err(bad_spec)?;
+        let model_spec =
+            ModelSpec::decode(&body[first.value_start..first.end]).map_err(bad_spec)?;
         let other = OtherFields([body.slice(..first.start), body.slice(first.end..)]);
         return Ok(SplitRequest {
             model_spec,

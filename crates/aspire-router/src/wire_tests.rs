@@ -66,7 +66,10 @@ fn splits_a_prost_encoded_request() {
     let spec_field_len = full.len() - split.other_fields.len();
     // prost writes field 1 first, so the rest is the tail, shared rather than copied.
     assert_eq!(other_bytes(&split), full[spec_field_len..].to_vec());
-    assert_eq!(split.other_fields.0[1].as_ptr(), full[spec_field_len..].as_ptr());
+    assert_eq!(
+        split.other_fields.0[1].as_ptr(),
+        full[spec_field_len..].as_ptr()
+    );
 }
 
 #[test]
@@ -81,7 +84,10 @@ fn forwarded_message_has_the_new_version_and_the_same_inputs() {
     let bytes = flatten(forwarded);
     assert_eq!(flatten(again), bytes);
     let decoded = PredictRequest::decode(&bytes[..]).unwrap();
-    assert_eq!(decoded.model_spec, Some(spec("mnist", Some(7), "predict_images")));
+    assert_eq!(
+        decoded.model_spec,
+        Some(spec("mnist", Some(7), "predict_images"))
+    );
     assert_eq!(decoded.inputs, original.inputs);
     assert_eq!(decoded.output_filter, original.output_filter);
 }
@@ -111,10 +117,18 @@ fn several_model_specs_merge() {
 #[test]
 fn unknown_fields_of_every_wire_type_are_kept() {
     let spec_field = field(1, LEN, &spec("m", None, "").encode_to_vec());
-    let group = [field(9, START_GROUP, &[]), field(1, VARINT, &[5]), field(9, END_GROUP, &[])]
-        .concat();
+    let group = [
+        field(9, START_GROUP, &[]),
+        field(1, VARINT, &[5]),
+        field(9, END_GROUP, &[]),
+    ]
+    .concat();
     let others = [
-        field(5, VARINT, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]),
+        field(
+            5,
+            VARINT,
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ),
         field(6, FIXED64, &[1; 8]),
         field(7, FIXED32, &[2; 4]),
         group,
@@ -134,10 +148,18 @@ fn malformed_requests_are_refused_with_a_reason() {
         (field(3, LEN, b"x"), "model_spec is missing"),
         (vec![0x0a], "cut off"),
         (vec![0x0a, 0x05, 1, 2], "claims 5 bytes but only 2 follow"),
-        (vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], "claims"),
+        (
+            vec![
+                0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+            "claims",
+        ),
         (vec![0x08, 0x01], "wire type 0"),
         (vec![0x00, 0x00], "invalid field tag 0"),
-        (vec![0x80, 0x80, 0x80, 0x80, 0x80, 0x01], "invalid field tag"),
+        (
+            vec![0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+            "invalid field tag",
+        ),
         (vec![0x0f], "wire type 7"),
         (vec![0x0e], "wire type 6"),
         (vec![0x0c], "not started"),
@@ -147,12 +169,18 @@ fn malformed_requests_are_refused_with_a_reason() {
         (deep, "nest deeper"),
         (vec![0x29, 1, 2, 3], "cut off"),
         (vec![0x2d, 1], "cut off"),
-        (field(1, LEN, &[0x0a, 0x02, 0xff, 0xfe]), "not a valid ModelSpec"),
+        (
+            field(1, LEN, &[0x0a, 0x02, 0xff, 0xfe]),
+            "not a valid ModelSpec",
+        ),
         ([field(1, LEN, &valid_spec), vec![0x12]].concat(), "cut off"),
     ] {
         let err = error_of(&bytes);
         assert!(err.contains(needle), "{bytes:?}: {err}");
-        assert!(err.starts_with("the request is not a valid PredictRequest"), "{err}");
+        assert!(
+            err.starts_with("the request is not a valid PredictRequest"),
+            "{err}"
+        );
     }
 }
 
@@ -198,7 +226,10 @@ fn fuzz_random_bytes() {
         check_invariants(&body);
         accepted += usize::from(split_predict_request(&Bytes::from(body)).is_ok());
     }
-    assert!(accepted > 0, "no random input was valid: the loop tests nothing deep");
+    assert!(
+        accepted > 0,
+        "no random input was valid: the loop tests nothing deep"
+    );
 }
 
 #[test]
@@ -224,5 +255,8 @@ fn fuzz_mutated_requests() {
         check_invariants(&body);
         refused += usize::from(split_predict_request(&Bytes::from(body)).is_err());
     }
-    assert!(refused > 1000, "mutations were hardly ever refused ({refused})");
+    assert!(
+        refused > 1000,
+        "mutations were hardly ever refused ({refused})"
+    );
 }

@@ -139,7 +139,7 @@ async fn probe_until_back(worker: Weak<WorkerHandle>, channel: Channel, mut wait
         let check = tokio::time::timeout(CONNECT_TIMEOUT, client.check(request)).await;
         if matches!(check, Ok(Ok(ref r)) if r.get_ref().status == ServingStatus::Serving as i32) {
             tracing::info!(worker = %handle.id, address = %handle.endpoint.address, "worker answers health checks again");
-            
+            handle.down.store(false, Ordering::Release);
             return;
         }
         wait = (wait * 2).min(MAX_PROBE_INTERVAL);
@@ -147,9 +147,17 @@ async fn probe_until_back(worker: Weak<WorkerHandle>, channel: Channel, mut wait
 }
 
 /// Power of two choices on requests in flight: two distinct live workers at random, the
-/// less loaded one wins. `None` when no worker is live.
-pub(crate) fn pick(workers: &[Arc<WorkerHandle>]) -> Option<&Arc<WorkerHandle>> {
-    let live = || workers.iter().filter(|w| w.is_live());
+/// less loaded one wins. `None` when no worker is live. Workers at the `avoid` address
+/// are skipped too: a retry must not land on the worker that just failed under another
+/// registration of it (a record that changed while the call was in flight).
+pub(crate) fn pick<'a>(
+    workers: &'a [Arc<WorkerHandle>],
+    avoid: Option<&Endpoint>,
+) -> Option<&'a Arc<WorkerHandle>> {
+    let eligible = |w: &&Arc<WorkerHandle>| {
+        w.is_live() && avoid.is_none_or(|a| !std::ptr::eq(a, Arc::as_ptr(&w.endpoint)))
+    };
+    let live = || workers.iter().filter(eligible);
     let n = live().count();
     if n < 2 {
         return live().next();
@@ -199,7 +207,11 @@ mod tests {
             .map(|(i, load)| {
                 let ep = Arc::new(Endpoint::connect_lazy(&format!("127.0.0.1:{}", 1 + i)).unwrap());
                 ep.in_flight.store(*load, Ordering::Relaxed);
-                Arc::new(WorkerHandle::new(format!("w{i}"), WorkerRecord::default(), ep))
+                Arc::new(WorkerHandle::new(
+                    format!("w{i}"),
+                    WorkerRecord::default(),
+                    ep,
+                ))
             })
             .collect()
     }
@@ -207,7 +219,7 @@ mod tests {
     fn counts(workers: &[Arc<WorkerHandle>], picks: usize) -> Vec<usize> {
         let mut counts = vec![0; workers.len()];
         for _ in 0..picks {
-            let w = pick(workers).unwrap();
+            let w = pick(workers, None).unwrap();
             counts[workers.iter().position(|x| Arc::ptr_eq(x, w)).unwrap()] += 1;
         }
         counts
@@ -232,14 +244,16 @@ mod tests {
     #[tokio::test]
     async fn down_workers_are_skipped() {
         let workers = handles(&[0, 7]);
-        assert_eq!(pick(&workers[..1]).unwrap().id, "w0");
+        assert_eq!(pick(&workers[..1], None).unwrap().id, "w0");
+        assert!(pick(&workers[..1], Some(&workers[0].endpoint)).is_none());
+        assert_eq!(pick(&workers, Some(&workers[0].endpoint)).unwrap().id, "w1");
         // Unreachable address: its probe never brings it back during this test.
         workers[0].mark_down("test", Duration::from_secs(3600));
         assert!(!workers[0].is_live());
         assert_eq!(counts(&workers, 100), vec![0, 100]);
         workers[1].mark_down("test", Duration::from_secs(3600));
-        assert!(pick(&workers).is_none());
-        assert!(pick(&[]).is_none());
+        assert!(pick(&workers, None).is_none());
+        assert!(pick(&[], None).is_none());
     }
 
     #[tokio::test]

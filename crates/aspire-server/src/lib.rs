@@ -22,7 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 /// `aspire-server`'s flags.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "aspire-server", version, about = "Serve TorchScript models with TensorFlow Serving's gRPC API, in one process")]
+#[command(
+    name = "aspire-server",
+    version,
+    about = "Serve TorchScript models with TensorFlow Serving's gRPC API, in one process"
+)]
 pub struct Config {
     /// gRPC port.
     #[arg(long, env = "ASPIRE_PORT", default_value_t = 8500)]
@@ -49,7 +53,9 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
     let addr: SocketAddr = format!("{}:{}", config.host, config.port)
         .parse()
         .with_context(|| format!("--host {} --port {}", config.host, config.port))?;
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
 }
 
 /// Runs the server on `listener` until `shutdown` resolves, then drains: stops taking
@@ -64,7 +70,12 @@ pub async fn run(
     tracing::info!(models = ?models.iter().map(|m| m.name.to_string()).collect::<Vec<_>>(), "aspire-server starting");
     let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::default());
     let stop = CancellationToken::new();
-    let discovery = tokio::spawn(discovery::run(config.models.clone(), models, registry.clone(), stop.clone()));
+    let discovery = tokio::spawn(discovery::run(
+        config.models.clone(),
+        models,
+        registry.clone(),
+        stop.clone(),
+    ));
     let settings = WorkerSettings {
         worker_id: "aspire-server".to_string(),
         advertise_address: local.to_string(),

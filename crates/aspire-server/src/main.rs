@@ -8,7 +8,9 @@ fn main() -> anyhow::Result<()> {
     let config = Config::parse_from(args);
     aspire_telemetry::init_logging();
     for flag in unimplemented {
-        tracing::warn!("{flag}: this TensorFlow Serving flag is not implemented by aspire-server yet; ignoring it");
+        tracing::warn!(
+            "{flag}: this TensorFlow Serving flag is not implemented by aspire-server yet; ignoring it"
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.serving.runtime_threads())

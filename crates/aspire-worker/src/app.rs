@@ -55,16 +55,26 @@ pub async fn run_worker(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerStartError> {
-    let batching = settings.batching.resolve().map_err(WorkerStartError::Config)?;
-    let intra = (settings.runtime.intra_op_threads > 0).then_some(settings.runtime.intra_op_threads);
-    let inter = (settings.runtime.inter_op_threads > 0).then_some(settings.runtime.inter_op_threads);
+    let batching = settings
+        .batching
+        .resolve()
+        .map_err(WorkerStartError::Config)?;
+    let intra =
+        (settings.runtime.intra_op_threads > 0).then_some(settings.runtime.intra_op_threads);
+    let inter =
+        (settings.runtime.inter_op_threads > 0).then_some(settings.runtime.inter_op_threads);
     model::configure_threads(intra, inter);
-    let device_name = model::resolve_device(settings.runtime.device).map_err(WorkerStartError::Config)?;
+    let device_name =
+        model::resolve_device(settings.runtime.device).map_err(WorkerStartError::Config)?;
     let local = listener
         .local_addr()
         .map_err(|e| WorkerStartError::Config(format!("listener has no address: {e}")))?;
     let cache_dir = settings.serving.cache_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("aspire-worker-{}-{}", std::process::id(), local.port()))
+        std::env::temp_dir().join(format!(
+            "aspire-worker-{}-{}",
+            std::process::id(),
+            local.port()
+        ))
     });
     tracing::info!(
         address = %local, advertise = %settings.advertise_address, worker_id = %settings.worker_id,
@@ -89,7 +99,14 @@ pub async fn run_worker(
         tracing::info!("draining: deregistering, then finishing requests in flight");
         draining.deregister().await;
     };
-    let served = serve(api, manager.ready(), listener, settings.serving.max_message_size_bytes, drain).await;
+    let served = serve(
+        api,
+        manager.ready(),
+        listener,
+        settings.serving.max_message_size_bytes,
+        drain,
+    )
+    .await;
     manager.shutdown();
     let _ = manager_task.await;
     let _ = std::fs::remove_dir_all(&cache_dir);
@@ -100,7 +117,11 @@ pub async fn run_worker(
 
 /// `aspire-worker`'s flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "aspire-worker", version, about = "Load the model versions etcd asks for and serve them over TensorFlow Serving's gRPC API")]
+#[command(
+    name = "aspire-worker",
+    version,
+    about = "Load the model versions etcd asks for and serve them over TensorFlow Serving's gRPC API"
+)]
 pub struct WorkerCli {
     /// Address to listen on.
     #[arg(long, env = "ASPIRE_WORKER_HOST", default_value = "0.0.0.0")]
@@ -111,10 +132,18 @@ pub struct WorkerCli {
     /// `host:port` routers reach this worker at (in Kubernetes: the pod IP, from the
     /// Downward API) [default: the listen address, or 127.0.0.1:PORT when listening on
     /// every interface].
-    #[arg(long = "advertise-address", visible_alias = "advertise_address", env = "ASPIRE_WORKER_ADVERTISE_ADDRESS")]
+    #[arg(
+        long = "advertise-address",
+        visible_alias = "advertise_address",
+        env = "ASPIRE_WORKER_ADVERTISE_ADDRESS"
+    )]
     pub advertise_address: Option<String>,
     /// This worker's id in etcd [default: HOSTNAME-PORT].
-    #[arg(long = "worker-id", visible_alias = "worker_id", env = "ASPIRE_WORKER_ID")]
+    #[arg(
+        long = "worker-id",
+        visible_alias = "worker_id",
+        env = "ASPIRE_WORKER_ID"
+    )]
     pub worker_id: Option<String>,
     /// etcd.
     #[command(flatten)]
@@ -132,7 +161,10 @@ pub struct WorkerCli {
 
 impl WorkerCli {
     /// The worker settings these flags describe; `local` is the bound listen address.
-    pub fn settings(&self, local: std::net::SocketAddr) -> Result<WorkerSettings, WorkerStartError> {
+    pub fn settings(
+        &self,
+        local: std::net::SocketAddr,
+    ) -> Result<WorkerSettings, WorkerStartError> {
         let advertise_address = match &self.advertise_address {
             Some(a) => a.clone(),
             None if local.ip().is_unspecified() => format!("127.0.0.1:{}", local.port()),

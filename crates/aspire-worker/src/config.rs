@@ -224,7 +224,11 @@ impl From<EncodingArg> for OutputEncoding {
 pub struct ServingArgs {
     /// Worker threads of the async runtime that serves gRPC [default: the CPUs this
     /// process may use].
-    #[arg(long = "runtime-worker-threads", visible_alias = "runtime_worker_threads", env = "ASPIRE_RUNTIME_WORKER_THREADS")]
+    #[arg(
+        long = "runtime-worker-threads",
+        visible_alias = "runtime_worker_threads",
+        env = "ASPIRE_RUNTIME_WORKER_THREADS"
+    )]
     pub runtime_worker_threads: Option<usize>,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long = "max-message-size-bytes", visible_alias = "max_message_size_bytes", env = "ASPIRE_MAX_MESSAGE_SIZE_BYTES",
@@ -236,14 +240,20 @@ pub struct ServingArgs {
     pub output_encoding: EncodingArg,
     /// Local directory model versions are copied into before loading [default: a new
     /// directory under the system's temp dir].
-    #[arg(long = "cache-dir", visible_alias = "cache_dir", env = "ASPIRE_CACHE_DIR")]
+    #[arg(
+        long = "cache-dir",
+        visible_alias = "cache_dir",
+        env = "ASPIRE_CACHE_DIR"
+    )]
     pub cache_dir: Option<PathBuf>,
 }
 
 impl ServingArgs {
     /// Threads for the async runtime.
     pub fn runtime_threads(&self) -> usize {
-        self.runtime_worker_threads.unwrap_or_else(available_cpus).max(1)
+        self.runtime_worker_threads
+            .unwrap_or_else(available_cpus)
+            .max(1)
     }
 }
 

@@ -21,7 +21,13 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr} (--host, --port)"))?;
         let settings = cli.settings(listener.local_addr()?)?;
         let registry = Arc::new(cli.etcd.connect().await?);
-        let result = run_worker(settings, registry.clone(), listener, aspire_telemetry::shutdown_signal()).await;
+        let result = run_worker(
+            settings,
+            registry.clone(),
+            listener,
+            aspire_telemetry::shutdown_signal(),
+        )
+        .await;
         // Revoking the lease removes anything this worker left registered at once.
         let _ = registry.close().await;
         Ok(result?)

@@ -146,12 +146,17 @@ impl ModelEntry {
             available: self.loaded.keys().copied().collect(),
         };
         match requested {
-            Some(v) => self.loaded.get(&v).or_else(|| self.draining.get(&v)).cloned().ok_or_else(|| {
-                not_found(match self.statuses.get(&v) {
-                    Some(s) => format!("version {v} is {}", s.state),
-                    None => format!("version {v} is not loaded"),
-                })
-            }),
+            Some(v) => self
+                .loaded
+                .get(&v)
+                .or_else(|| self.draining.get(&v))
+                .cloned()
+                .ok_or_else(|| {
+                    not_found(match self.statuses.get(&v) {
+                        Some(s) => format!("version {v} is {}", s.state),
+                        None => format!("version {v} is not loaded"),
+                    })
+                }),
             None => self
                 .default_version()
                 .and_then(|v| self.loaded.get(&v).cloned())

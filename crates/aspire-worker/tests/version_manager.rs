@@ -189,6 +189,10 @@ struct Worker {
 
 impl Worker {
     fn start() -> Self {
+        Self::start_with_grace(Duration::ZERO)
+    }
+
+    fn start_with_grace(unload_grace: Duration) -> Self {
         modules();
         let dir = TempDir::new().unwrap();
         let registry = Arc::new(MemoryRegistry::default());
@@ -208,7 +212,7 @@ impl Worker {
             cache_dir: dir.path().join("cache"),
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
-            unload_grace: Duration::ZERO,
+            unload_grace,
         };
         let (manager, handle) =
             VersionManager::start(config, "cpu".into(), registry.clone() as Arc<dyn Registry>);
@@ -745,4 +749,48 @@ async fn shutdown_unloads_everything_and_deregisters() {
     assert!(view.loaded.is_empty());
     assert_eq!(view.state(1), Some(VersionState::End));
     assert!(v1.upgrade().is_none(), "version 1 is still loaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unloading_version_answers_requests_naming_it_during_its_grace() {
+    // Far longer than the test, so the grace cannot end while it is checked.
+    let w = Worker::start_with_grace(Duration::from_secs(600));
+    let mut available = w.serve_v1("m").await;
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+    w.view_when("m", "version 1 UNLOADING", LIMIT, |view| {
+        view.state(1) == Some(VersionState::Unloading)
+    })
+    .await;
+
+    assert_eq!(w.default_version("m").version, v(2));
+    let v1 = w.pick("m", Some(1)).unwrap();
+    assert_eq!(ask(&v1, 8.0).await.unwrap(), scaled(1, 8.0));
+    eventually("the record shows version 1 UNLOADING", LIMIT, || {
+        let record = w.record().ok_or("no record")?;
+        let states: Vec<_> = record.models[&name("m")]
+            .values()
+            .map(|s| s.state)
+            .collect();
+        if states == [VersionState::Unloading, VersionState::Available] {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    })
+    .await;
+
+    // Once a short grace is over, the version unloads and requests naming it fail.
+    let w = Worker::start_with_grace(Duration::from_millis(100));
+    let mut available = w.serve_v1("m").await;
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+    w.view_when("m", "version 1 END", LIMIT, |view| {
+        view.state(1) == Some(VersionState::End)
+    })
+    .await;
+    let err = w.pick("m", Some(1)).err().unwrap();
+    assert!(err.contains("version 1 is END"), "{err}");
 }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 
 /// `aspirectl`'s command line.
 #[derive(Debug, Parser)]
-#[command(name = "aspirectl", version, about = "Show and steer an Aspire cluster through etcd")]
+#[command(
+    name = "aspirectl",
+    version,
+    about = "Show and steer an Aspire cluster through etcd"
+)]
 pub struct Cli {
     /// etcd.
     #[command(flatten)]
@@ -51,10 +55,13 @@ pub async fn run(command: &Command, registry: &dyn Registry) -> anyhow::Result<S
             let name = ModelName::new(model.as_str())?;
             let state = registry.state().await?;
             let available = state.models.get(&name).and_then(|m| m.available.as_ref());
-            let pinned = parse_pin(versions, available).map_err(|e| {
-                anyhow::anyhow!("refusing to pin model {name}: {e}")
-            })?;
-            let text = pinned.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            let pinned = parse_pin(versions, available)
+                .map_err(|e| anyhow::anyhow!("refusing to pin model {name}: {e}"))?;
+            let text = pinned
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
             registry.set_pinned(&name, Some(&text)).await?;
             Ok(format!(
                 "pinned model {name} to version(s) {}; `aspirectl unpin {name}` resumes its version policy",
@@ -64,7 +71,9 @@ pub async fn run(command: &Command, registry: &dyn Registry) -> anyhow::Result<S
         Command::Unpin { model } => {
             let name = ModelName::new(model.as_str())?;
             registry.set_pinned(&name, None).await?;
-            Ok(format!("unpinned model {name}: its aspired versions apply again"))
+            Ok(format!(
+                "unpinned model {name}: its aspired versions apply again"
+            ))
         }
     }
 }
@@ -77,8 +86,16 @@ pub fn render_status(state: &ClusterState) -> String {
         let _ = writeln!(out, "  (none)");
     }
     for (name, model) in &state.models {
-        let available = model.available.as_ref().map(|a| a.numbers()).unwrap_or_default();
-        let aspired = model.aspired.as_ref().map(|a| a.versions.clone()).unwrap_or_default();
+        let available = model
+            .available
+            .as_ref()
+            .map(|a| a.numbers())
+            .unwrap_or_default();
+        let aspired = model
+            .aspired
+            .as_ref()
+            .map(|a| a.versions.clone())
+            .unwrap_or_default();
         let desired = model.desired();
         let _ = writeln!(out, "  {name}");
         let _ = writeln!(out, "    available: {}", list_versions(available));
@@ -98,7 +115,11 @@ pub fn render_status(state: &ClusterState) -> String {
             DesiredSource::Pinned => "pinned",
             DesiredSource::Aspired => "aspired",
         };
-        let _ = writeln!(out, "    serving:   {} (from {source})", list_versions(desired.versions));
+        let _ = writeln!(
+            out,
+            "    serving:   {} (from {source})",
+            list_versions(desired.versions)
+        );
     }
     let _ = writeln!(out, "WORKERS");
     if state.workers.is_empty() {
@@ -108,7 +129,11 @@ pub fn render_status(state: &ClusterState) -> String {
         let _ = writeln!(out, "  {id}  {}  {}", worker.address, worker.device);
         for (model, versions) in &worker.models {
             for (version, status) in versions {
-                let error = status.error.as_deref().map(|e| format!("  error: {e}")).unwrap_or_default();
+                let error = status
+                    .error
+                    .as_deref()
+                    .map(|e| format!("  error: {e}"))
+                    .unwrap_or_default();
                 let _ = writeln!(out, "    {model} v{version}: {}{error}", status.state);
             }
         }
@@ -126,7 +151,9 @@ pub fn render_status(state: &ClusterState) -> String {
 mod tests {
     use super::*;
     use aspire_core::records::{VersionState, VersionStatus};
-    use aspire_core::{AspiredVersions, AvailableVersion, AvailableVersions, SignatureMap, Version, WorkerRecord};
+    use aspire_core::{
+        AspiredVersions, AvailableVersion, AvailableVersions, SignatureMap, Version, WorkerRecord,
+    };
     use aspire_registry::MemoryRegistry;
 
     fn v(n: u64) -> Version {
@@ -146,13 +173,36 @@ mod tests {
                 .to_vec(),
         };
         r.put_available(&m, &available).await.unwrap();
-        r.put_aspired(&m, &AspiredVersions { versions: vec![v(2)] }).await.unwrap();
-        let mut rec = WorkerRecord { address: "127.0.0.1:8501".into(), device: "cpu".into(), ..Default::default() };
+        r.put_aspired(
+            &m,
+            &AspiredVersions {
+                versions: vec![v(2)],
+            },
+        )
+        .await
+        .unwrap();
+        let mut rec = WorkerRecord {
+            address: "127.0.0.1:8501".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        };
         rec.models.insert(
             m,
             [
-                (v(2), VersionStatus { state: VersionState::Available, error: None }),
-                (v(3), VersionStatus { state: VersionState::End, error: Some("model.pt: bad zip".into()) }),
+                (
+                    v(2),
+                    VersionStatus {
+                        state: VersionState::Available,
+                        error: None,
+                    },
+                ),
+                (
+                    v(3),
+                    VersionStatus {
+                        state: VersionState::End,
+                        error: Some("model.pt: bad zip".into()),
+                    },
+                ),
             ]
             .into(),
         );
@@ -163,24 +213,74 @@ mod tests {
     #[tokio::test]
     async fn pin_checks_availability_and_writes_the_key() {
         let r = registry().await;
-        let err = run(&Command::Pin { model: "mnist".into(), versions: "3".into() }, &r).await.unwrap_err();
+        let err = run(
+            &Command::Pin {
+                model: "mnist".into(),
+                versions: "3".into(),
+            },
+            &r,
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("available: 1, 2"), "{err}");
-        assert!(run(&Command::Pin { model: "mnist".into(), versions: "x".into() }, &r).await.is_err());
-        assert_eq!(r.state().await.unwrap().models.values().next().unwrap().pinned, None);
+        assert!(
+            run(
+                &Command::Pin {
+                    model: "mnist".into(),
+                    versions: "x".into()
+                },
+                &r
+            )
+            .await
+            .is_err()
+        );
+        assert_eq!(
+            r.state()
+                .await
+                .unwrap()
+                .models
+                .values()
+                .next()
+                .unwrap()
+                .pinned,
+            None
+        );
 
-        run(&Command::Pin { model: "mnist".into(), versions: "2, 1".into() }, &r).await.unwrap();
+        run(
+            &Command::Pin {
+                model: "mnist".into(),
+                versions: "2, 1".into(),
+            },
+            &r,
+        )
+        .await
+        .unwrap();
         let state = r.state().await.unwrap();
         let model = &state.models[&ModelName::new("mnist").unwrap()];
         assert_eq!(model.pinned.as_deref(), Some("1,2"));
-        run(&Command::Unpin { model: "mnist".into() }, &r).await.unwrap();
-        assert_eq!(r.state().await.unwrap().models[&ModelName::new("mnist").unwrap()].pinned, None);
+        run(
+            &Command::Unpin {
+                model: "mnist".into(),
+            },
+            &r,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            r.state().await.unwrap().models[&ModelName::new("mnist").unwrap()].pinned,
+            None
+        );
     }
 
     #[tokio::test]
     async fn status_shows_versions_workers_errors_and_bad_keys() {
         let r = registry().await;
-        r.put_raw("/aspire/models/mnist/pinned", Some(b"7")).await.unwrap();
-        r.put_raw("/aspire/models/mnist/pined", Some(b"1")).await.unwrap();
+        r.put_raw("/aspire/models/mnist/pinned", Some(b"7"))
+            .await
+            .unwrap();
+        r.put_raw("/aspire/models/mnist/pined", Some(b"1"))
+            .await
+            .unwrap();
         let text = run(&Command::Status, &r).await.unwrap();
         for needle in [
             "available: 1, 2",

@@ -13,6 +13,7 @@ use aspire_core::{
 };
 use aspire_proto::serving::prediction_service_client::PredictionServiceClient;
 use aspire_proto::serving::{ModelSpec, PredictRequest, model_spec::VersionChoice};
+use aspire_registry::cli::EtcdArgs;
 use aspire_registry::{MemoryRegistry, Registry};
 use aspire_router::RouterConfig;
 use aspire_router::config::DEFAULT_MAX_MESSAGE_BYTES;
@@ -31,7 +32,8 @@ static SYNC: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::ne
 pub struct Cluster {
     pub registry: Arc<MemoryRegistry>,
     pub addr: std::net::SocketAddr,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Cluster {
@@ -49,15 +51,18 @@ impl Cluster {
         let config = RouterConfig {
             port: addr.port(),
             host: "127.0.0.1".into(),
-            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: "/aspire".into(),
+            etcd: EtcdArgs {
+                etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "/aspire".into(),
+                lease_ttl: 10,
+            },
             runtime_worker_threads: None,
             max_message_size_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             worker_probe_interval_ms: u64::try_from(probe.as_millis()).unwrap(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_registry: Arc<dyn Registry> = registry.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
             };
@@ -68,8 +73,15 @@ impl Cluster {
         Self {
             registry,
             addr,
-            _stop: stop,
+            stop: Some(stop),
+            task: Some(task),
         }
+    }
+
+    /// Starts the router's graceful shutdown; resolves when `run` has returned.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        let _ = self.stop.take().expect("already shut down").send(());
+        self.task.take().unwrap()
     }
 
     pub fn channel(&self) -> Channel {
@@ -125,7 +137,9 @@ impl Cluster {
         let n = SYNC.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("sync-{n}");
         let model = ModelName::new(&name).unwrap();
-        let aspired = AspiredVersions { versions: vec![v(1)] };
+        let aspired = AspiredVersions {
+            versions: vec![v(1)],
+        };
         self.registry.put_aspired(&model, &aspired).await.unwrap();
         let client = self.client();
         eventually("the router sees the marker model", || {

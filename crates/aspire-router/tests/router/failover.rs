@@ -17,7 +17,9 @@ async fn warm_up(cluster: &Cluster, a: &FakeWorker, b: &FakeWorker) {
     eventually("both workers get traffic", || {
         let mut client = client.clone();
         async move {
-            predict(&mut client, "m", None).await.map_err(|e| format!("{e:?}"))?;
+            predict(&mut client, "m", None)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
             if a.state.calls() > 0 && b.state.calls() > 0 {
                 Ok(())
             } else {
@@ -63,8 +65,12 @@ async fn a_dead_worker_costs_no_request_and_stays_skipped_until_it_re_registers(
         let mut client = client.clone();
         let a2 = &a2;
         async move {
-            predict(&mut client, "m", None).await.map_err(|e| format!("{e:?}"))?;
-            (a2.state.calls() > 0).then_some(()).ok_or("not yet".to_string())
+            predict(&mut client, "m", None)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            (a2.state.calls() > 0)
+                .then_some(())
+                .ok_or("not yet".to_string())
         }
     })
     .await;
@@ -83,7 +89,11 @@ async fn a_removed_worker_is_gone() {
     let calls = a.state.calls();
     let err = predict(&mut client, "m", None).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("no worker has model 'm' AVAILABLE yet"), "{err:?}");
+    assert!(
+        err.message()
+            .contains("no worker has model 'm' AVAILABLE yet"),
+        "{err:?}"
+    );
     assert_eq!(a.state.calls(), calls);
 }
 
@@ -92,7 +102,9 @@ async fn unavailable_is_retried_on_the_same_version_and_the_worker_skipped() {
     let cluster = Cluster::start().await;
     let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
     cluster.model("m", &[1, 2], &[2]).await;
-    cluster.register(&a, &[(1, Available), (2, Available)]).await;
+    cluster
+        .register(&a, &[(1, Available), (2, Available)])
+        .await;
     cluster.register(&b, &[(2, Available)]).await;
     warm_up(&cluster, &a, &b).await;
 
@@ -106,7 +118,11 @@ async fn unavailable_is_retried_on_the_same_version_and_the_worker_skipped() {
         // Retried on a worker with the same version, never on another version.
         assert_eq!(answer.unwrap(), ("b".into(), 2), "request {i}");
     }
-    assert!(a.state.calls() - before <= 1, "a got {} calls", a.state.calls() - before);
+    assert!(
+        a.state.calls() - before <= 1,
+        "a got {} calls",
+        a.state.calls() - before
+    );
 
     // Only "a" has version 1: with "a" down that is UNAVAILABLE, not another version.
     let err = predict(&mut client, "m", Some(1)).await.unwrap_err();
@@ -131,8 +147,12 @@ async fn a_down_worker_comes_back_when_its_health_check_answers() {
         let a = &a;
         async move {
             let before = a.state.calls();
-            predict(&mut client, "m", None).await.map_err(|e| format!("{e:?}"))?;
-            (a.state.calls() > before).then_some(a.state.calls()).ok_or("b answered".to_string())
+            predict(&mut client, "m", None)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            (a.state.calls() > before)
+                .then_some(a.state.calls())
+                .ok_or("b answered".to_string())
         }
     })
     .await;
@@ -143,8 +163,12 @@ async fn a_down_worker_comes_back_when_its_health_check_answers() {
         let mut client = client.clone();
         let a = &a;
         async move {
-            let (worker, _) = predict(&mut client, "m", None).await.map_err(|e| format!("{e:?}"))?;
-            (worker == "a" && a.state.calls() > failed).then_some(()).ok_or(worker)
+            let (worker, _) = predict(&mut client, "m", None)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            (worker == "a" && a.state.calls() > failed)
+                .then_some(())
+                .ok_or(worker)
         }
     })
     .await;
@@ -173,7 +197,11 @@ async fn other_errors_go_back_as_they_came_without_retry() {
         let err = predict(&mut client, "m", None).await.unwrap_err();
         assert_eq!(err.code(), code);
         assert!(err.message().ends_with("fails on purpose"), "{err:?}");
-        assert_eq!(a.state.calls() + b.state.calls(), calls + 1, "{code:?} was retried");
+        assert_eq!(
+            a.state.calls() + b.state.calls(),
+            calls + 1,
+            "{code:?} was retried"
+        );
     }
     // Neither was marked down: both still get traffic.
     a.state.set_mode(Mode::Normal);
@@ -188,7 +216,10 @@ async fn other_errors_go_back_as_they_came_without_retry() {
 
 /// A "worker" that accepts connections, reads what comes, and closes them without an
 /// answer: a process that crashed mid-call.
-async fn crashing_worker() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn crashing_worker() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -200,7 +231,8 @@ async fn crashing_worker() -> (std::net::SocketAddr, std::sync::Arc<std::sync::a
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 1 << 16];
-                let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
                 drop(socket);
             });
         }

@@ -69,7 +69,12 @@ impl WorkerState {
     }
 
     pub fn last(&self) -> Received {
-        self.received.lock().unwrap().last().cloned().expect("no request received")
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("no request received")
     }
 }
 
@@ -171,7 +176,8 @@ impl tower::Service<http::Request<Body>> for FakePrediction {
         let state = Arc::clone(&self.0);
         Box::pin(async move {
             let max = Some(64 << 20);
-            let mut grpc = Grpc::new(RawCodec::<Bytes>::new()).apply_max_message_size_config(max, max);
+            let mut grpc =
+                Grpc::new(RawCodec::<Bytes>::new()).apply_max_message_size_config(max, max);
             Ok(grpc.unary(FakePredict(state), req).await)
         })
     }
@@ -205,7 +211,10 @@ impl UnaryService<Bytes> for FakePredict {
                     std::future::pending::<()>().await;
                 }
                 Mode::Fail(code) => {
-                    return Err(Status::new(code, format!("worker {} fails on purpose", state.id)));
+                    return Err(Status::new(
+                        code,
+                        format!("worker {} fails on purpose", state.id),
+                    ));
                 }
             }
             let request = PredictRequest::decode(body)

@@ -17,7 +17,9 @@ use crate::common::*;
 use crate::fake_worker::{FakeWorker, Mode};
 
 fn inputs() -> HashMap<String, TensorProto> {
-    let pixels: Vec<u8> = (0..4096u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let pixels: Vec<u8> = (0..4096u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
     HashMap::from([
         (
             "images".to_string(),
@@ -73,10 +75,16 @@ async fn inputs_reach_the_worker_byte_identical() {
         .into_inner();
 
     let received = a.state.last().body;
-    assert!(received.ends_with(&tail), "the other fields changed on the way");
+    assert!(
+        received.ends_with(&tail),
+        "the other fields changed on the way"
+    );
     let got = PredictRequest::decode(received.clone()).unwrap();
     assert_eq!(got.inputs, inputs());
-    assert_eq!(got.model_spec.unwrap().version_choice, Some(VersionChoice::Version(4)));
+    assert_eq!(
+        got.model_spec.unwrap().version_choice,
+        Some(VersionChoice::Version(4))
+    );
     let spec_len = received.len() - tail.len();
     assert_eq!(spec_len, spec("m", Some(4)).encoded_len() + 2);
     // The worker's answer comes back as it was sent.
@@ -128,7 +136,11 @@ async fn the_client_deadline_reaches_the_worker() {
     cluster.register(&a, &[(1, Available)]).await;
     let mut client = cluster.client();
     eventually_default_version(&mut client, "m", 1).await;
-    assert_eq!(a.state.last().timeout, None, "no deadline was set, none should arrive");
+    assert_eq!(
+        a.state.last().timeout,
+        None,
+        "no deadline was set, none should arrive"
+    );
 
     let mut request = tonic::Request::new(PredictRequest {
         model_spec: Some(spec("m", None)),
@@ -136,9 +148,16 @@ async fn the_client_deadline_reaches_the_worker() {
     });
     request.set_timeout(Duration::from_secs(5));
     client.predict(request).await.unwrap();
-    let raw = a.state.last().timeout.expect("no grpc-timeout reached the worker");
+    let raw = a
+        .state
+        .last()
+        .timeout
+        .expect("no grpc-timeout reached the worker");
     let left = parse_timeout(&raw);
-    assert!(left <= Duration::from_secs(5) && left > Duration::from_secs(3), "{raw}");
+    assert!(
+        left <= Duration::from_secs(5) && left > Duration::from_secs(3),
+        "{raw}"
+    );
 
     // A worker slower than the deadline: the client gets DEADLINE_EXCEEDED or
     // CANCELLED (tonic's server answers an expired deadline with the latter), in time.
@@ -152,7 +171,10 @@ async fn the_client_deadline_reaches_the_worker() {
     let err = client.predict(request).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10), "{err:?}");
     assert!(
-        matches!(err.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
         "{err:?}"
     );
 }
@@ -171,7 +193,9 @@ async fn client_cancellation_reaches_the_worker() {
     let mut hanging = client.clone();
     let call = tokio::spawn(async move { predict(&mut hanging, "m", None).await });
     eventually("the hanging call reached the worker", || async {
-        (a.state.calls() > calls).then_some(()).ok_or("not yet".to_string())
+        (a.state.calls() > calls)
+            .then_some(())
+            .ok_or("not yet".to_string())
     })
     .await;
     assert_eq!(a.state.cancelled.load(Ordering::SeqCst), 0);
@@ -233,4 +257,34 @@ async fn a_slow_worker_gets_fewer_requests() {
     let (na, nb) = (a.state.calls() - ca, b.state.calls() - cb);
     // Requests in flight pile up on the slow worker, so the balancer prefers the other.
     assert!(na * 4 < nb, "slow a {na}, fast b {nb}");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight() {
+    let mut cluster = Cluster::start().await;
+    let a = FakeWorker::start("a").await;
+    cluster.model("m", &[1], &[1]).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    let mut client = cluster.client();
+    eventually_default_version(&mut client, "m", 1).await;
+
+    a.state.set_mode(Mode::Delay(Duration::from_millis(500)));
+    let calls = a.state.calls();
+    let mut slow = client.clone();
+    let in_flight = tokio::spawn(async move { predict(&mut slow, "m", None).await });
+    eventually("the slow call reached the worker", || async {
+        (a.state.calls() > calls)
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await;
+    let stopped = cluster.shutdown();
+    assert_eq!(in_flight.await.unwrap().unwrap(), ("a".into(), 1));
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("run did not return after its requests finished")
+        .unwrap();
+    // It no longer accepts: a new connection is refused.
+    let err = predict(&mut cluster.client(), "m", None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }

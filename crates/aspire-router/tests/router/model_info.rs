@@ -80,7 +80,11 @@ async fn model_status_aggregates_the_workers() {
     let status = |version: Option<i64>| GetModelStatusRequest {
         model_spec: Some(spec("m", version)),
     };
-    let all = models.get_model_status(status(None)).await.unwrap().into_inner();
+    let all = models
+        .get_model_status(status(None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         summary(&all.model_version_status),
         vec![
@@ -94,12 +98,20 @@ async fn model_status_aggregates_the_workers() {
             (1, 30, 0, String::new()),
         ]
     );
-    let one = models.get_model_status(status(Some(3))).await.unwrap().into_inner();
+    let one = models
+        .get_model_status(status(Some(3)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(one.model_version_status.len(), 1);
     assert_eq!(one.model_version_status[0].version, 3);
     let err = models.get_model_status(status(Some(9))).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("version 9 is not known to any worker"), "{err:?}");
+    assert!(
+        err.message()
+            .contains("version 9 is not known to any worker"),
+        "{err:?}"
+    );
     let err = models
         .get_model_status(GetModelStatusRequest {
             model_spec: Some(spec("nope", None)),
@@ -107,7 +119,10 @@ async fn model_status_aggregates_the_workers() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().starts_with("model 'nope' is not served"), "{err:?}");
+    assert!(
+        err.message().starts_with("model 'nope' is not served"),
+        "{err:?}"
+    );
 }
 
 fn signatures(input: &str) -> SignatureMap {
@@ -148,17 +163,32 @@ async fn metadata_comes_from_the_registry_for_the_routed_version() {
     };
 
     // Nothing loaded: the newest version in storage.
-    let resp = client.get_model_metadata(metadata(None)).await.unwrap().into_inner();
+    let resp = client
+        .get_model_metadata(metadata(None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(input_of(resp), (2, "two".to_string()));
     // Only version 1 is AVAILABLE: metadata describes what Predict would serve.
     cluster.register(&a, &[(1, Available), (2, Loading)]).await;
     eventually_default_version(&mut client, "m", 1).await;
-    let resp = client.get_model_metadata(metadata(None)).await.unwrap().into_inner();
+    let resp = client
+        .get_model_metadata(metadata(None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(input_of(resp), (1, "one".to_string()));
-    let resp = client.get_model_metadata(metadata(Some(2))).await.unwrap().into_inner();
+    let resp = client
+        .get_model_metadata(metadata(Some(2)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(input_of(resp), (2, "two".to_string()));
 
-    let err = client.get_model_metadata(metadata(Some(9))).await.unwrap_err();
+    let err = client
+        .get_model_metadata(metadata(Some(9)))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(
         err.message(),

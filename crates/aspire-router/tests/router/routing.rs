@@ -27,7 +27,9 @@ async fn default_goes_to_the_highest_desired_available_version_explicitly() {
 
     // Version 2 is desired but only loading: version 1 serves meanwhile.
     eventually_default_version(&mut client, "m", 1).await;
-    cluster.register(&a, &[(1, Available), (2, Available)]).await;
+    cluster
+        .register(&a, &[(1, Available), (2, Available)])
+        .await;
     eventually_default_version(&mut client, "m", 2).await;
     let (worker, version) = predict(&mut client, "m", None).await.unwrap();
     assert_eq!((worker.as_str(), version), ("a", 2));
@@ -56,7 +58,10 @@ async fn default_goes_to_the_highest_desired_available_version_explicitly() {
     cluster.register(&b, &[(1, Available), (3, Loading)]).await;
     cluster.sync().await;
     for _ in 0..10 {
-        assert_eq!(predict(&mut client, "m", None).await.unwrap(), ("a".into(), 2));
+        assert_eq!(
+            predict(&mut client, "m", None).await.unwrap(),
+            ("a".into(), 2)
+        );
     }
 }
 
@@ -78,29 +83,42 @@ async fn unknown_models_labels_and_missing_workers() {
         }
     })
     .await;
-    assert!(err.message().contains("no worker has model 'n' AVAILABLE yet"), "{err:?}");
+    assert!(
+        err.message()
+            .contains("no worker has model 'n' AVAILABLE yet"),
+        "{err:?}"
+    );
 
     cluster.register(&a, &[(1, Available)]).await;
     eventually_default_version(&mut client, "m", 1).await;
     let err = predict(&mut client, "x", None).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(err.message(), "model 'x' is not served; models served: m, n");
+    assert_eq!(
+        err.message(),
+        "model 'x' is not served; models served: m, n"
+    );
 
     let mut labelled = PredictRequest {
         model_spec: Some(spec("m", None)),
         ..Default::default()
     };
-    labelled.model_spec.as_mut().unwrap().version_choice = Some(
-        aspire_proto::serving::model_spec::VersionChoice::VersionLabel("stable".into()),
-    );
+    labelled.model_spec.as_mut().unwrap().version_choice =
+        Some(aspire_proto::serving::model_spec::VersionChoice::VersionLabel("stable".into()));
     let err = client.predict(labelled).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("version_label 'stable' is not supported"));
+    assert!(
+        err.message()
+            .contains("version_label 'stable' is not supported")
+    );
 
     let err = client.predict(PredictRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("model_spec is missing"), "{err:?}");
-    assert_eq!(a.state.calls(), 1, "refused requests must not reach a worker");
+    assert_eq!(
+        a.state.calls(),
+        1,
+        "refused requests must not reach a worker"
+    );
 }
 
 #[tokio::test]
@@ -108,7 +126,9 @@ async fn valid_pins_move_default_traffic_and_bad_pins_are_ignored() {
     let cluster = Cluster::start().await;
     let a = FakeWorker::start("a").await;
     cluster.model("m", &[1, 2], &[2]).await;
-    cluster.register(&a, &[(1, Available), (2, Available)]).await;
+    cluster
+        .register(&a, &[(1, Available), (2, Available)])
+        .await;
     let mut client = cluster.client();
     eventually_default_version(&mut client, "m", 2).await;
 
@@ -128,9 +148,14 @@ async fn valid_pins_move_default_traffic_and_bad_pins_are_ignored() {
     cluster.pin("m", Some("1")).await;
     cluster.sync().await;
     for _ in 0..5 {
-        assert_eq!(predict(&mut client, "m", None).await.unwrap(), ("a".into(), 2));
+        assert_eq!(
+            predict(&mut client, "m", None).await.unwrap(),
+            ("a".into(), 2)
+        );
     }
     // ...and moves it once the pinned version is AVAILABLE.
-    cluster.register(&a, &[(1, Available), (2, Available)]).await;
+    cluster
+        .register(&a, &[(1, Available), (2, Available)])
+        .await;
     eventually_default_version(&mut client, "m", 1).await;
 }
