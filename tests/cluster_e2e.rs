@@ -260,8 +260,21 @@ async fn cluster_scenario_loses_no_request() {
     let to_v2_again = wait_default(&router_addr, 2, t).await;
     println!("unpin -> v2 served by default: {to_v2_again:?}");
 
-    // Kill one worker: requests keep succeeding on the other.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Kill one worker: requests keep succeeding on the other. Both serve v2 first (the
+    // scenario's premise: the other worker has the version).
+    let status_cmd = || {
+        let out = Command::new(aspire_tests::bin("aspirectl"))
+            .args(&etcd_flags)
+            .arg("status")
+            .output()
+            .expect("aspirectl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    eventually(LIMIT, "both workers serve v2", || {
+        let status = status_cmd();
+        async move { (status.matches("mnist v2: AVAILABLE").count() == 2).then_some(()) }
+    })
+    .await;
     let killed_at = Instant::now();
     workers[0].kill();
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -50,20 +50,30 @@ impl Router {
         // Explicit, so the worker serves exactly what the router chose even if its own
         // view of the default version differs for a moment.
         model_spec.version_choice = Some(VersionChoice::Version(version.as_i64()));
-        let message = Forwarded::new(&model_spec, other_fields);
+        let message = Forwarded::new(&model_spec, other_fields.clone());
 
         let failure = match self.call(&worker, message.clone(), deadline).await {
             Err(status) if worker_went_away(&status) => status,
             answer => return answer,
         };
         worker.mark_down(failure.message(), self.probe_after);
-        let Some(other) = self
-            .table
-            .load()
-            .route_exact(&model_spec.name, version, &worker)
-        else {
-            return Err(went_away(&worker, &failure));
+        let table = self.table.load();
+        let (message, version, other) = match table.route_exact(&model_spec.name, version, &worker)
+        {
+            Some(other) => (message, version, other),
+            // No other worker has that version (another may still be loading it): a
+            // request that named no version may go wherever the default rule now
+            // points, among the live workers.
+            None if wanted.is_none() => match table.route(&model_spec.name, None) {
+                Ok((v, other)) => {
+                    model_spec.version_choice = Some(VersionChoice::Version(v.as_i64()));
+                    (Forwarded::new(&model_spec, other_fields), v, other)
+                }
+                Err(_) => return Err(went_away(&worker, &failure)),
+            },
+            None => return Err(went_away(&worker, &failure)),
         };
+        drop(table);
         tracing::debug!(
             from = %worker.id, to = %other.id, model = %model_spec.name, %version,
             "retrying Predict on another worker: {}", failure.message()
