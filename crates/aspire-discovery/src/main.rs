@@ -24,7 +24,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = DiscoveryCli::parse();
     aspire_telemetry::init_logging();
     let models = cli.models.models().map_err(anyhow::Error::msg)?;
     let registry = Arc::new(cli.etcd.connect().await?);

@@ -14,6 +14,22 @@ use tokio_util::sync::CancellationToken;
 use crate::model_config::{ModelConfig, parse_model_config_file};
 use crate::storage_poller::{ModelsHandle, StoragePoller};
 
+/// `aspire-discovery`'s flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "aspire-discovery",
+    version,
+    about = "Publish the model versions found in storage to etcd"
+)]
+pub struct DiscoveryCli {
+    /// Models and storage polling.
+    #[command(flatten)]
+    pub models: ModelArgs,
+    /// etcd.
+    #[command(flatten)]
+    pub etcd: aspire_registry::cli::EtcdArgs,
+}
+
 /// Which models to serve and how often to look at them.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
