@@ -107,66 +107,148 @@ struct Steady {
     answers: Vec<(Instant, i64)>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_scenario_loses_no_request() {
-    let started = Instant::now();
-    let etcd = EtcdServer::start().expect("etcd");
-    let endpoint = etcd.endpoint();
-    let tmp = tempfile::tempdir().expect("tmp");
-    let exported = tmp.path().join("mnist_model");
-    export(&exported, 100, 1);
-    export(&exported, 2000, 2);
-    let monitored = tmp.path().join("monitored");
-    copy_dir(&exported.join("1"), &monitored.join("1"));
+/// etcd, discovery, two workers and the router, on loopback, serving mnist v1 (and v2
+/// exported beside it).
+struct Stack {
+    etcd: EtcdServer,
+    tmp: tempfile::TempDir,
+    etcd_flags: Vec<String>,
+    _discovery: Process,
+    workers: Vec<Process>,
+    router: Process,
+    router_addr: String,
+}
 
-    let etcd_flags = [
-        format!("--etcd-endpoints={endpoint}"),
-        format!("--prefix={PREFIX}"),
-    ];
-    let _discovery = Process::start(
-        "aspire-discovery",
-        &[
-            &etcd_flags[..],
-            &[
-                "--model_name=mnist".into(),
-                format!("--model_base_path={}", monitored.display()),
-            ],
-        ]
-        .concat(),
-    );
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        let port = free_port();
-        let mut w = Process::start(
-            "aspire-worker",
+impl Stack {
+    async fn start() -> Stack {
+        let started = Instant::now();
+        let etcd = EtcdServer::start().expect("etcd");
+        let endpoint = etcd.endpoint();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let exported = tmp.path().join("mnist_model");
+        export(&exported, 100, 1);
+        export(&exported, 2000, 2);
+        let monitored = tmp.path().join("monitored");
+        copy_dir(&exported.join("1"), &monitored.join("1"));
+
+        let etcd_flags = vec![
+            format!("--etcd-endpoints={endpoint}"),
+            format!("--prefix={PREFIX}"),
+        ];
+        let discovery = Process::start(
+            "aspire-discovery",
             &[
                 &etcd_flags[..],
                 &[
-                    "--host=127.0.0.1".into(),
-                    format!("--port={port}"),
-                    format!("--worker-id={id}"),
-                    "--lease-ttl=3".into(),
-                    "--enable_batching".into(),
+                    "--model_name=mnist".into(),
+                    format!("--model_base_path={}", monitored.display()),
                 ],
             ]
             .concat(),
         );
-        w.wait_listening(&format!("127.0.0.1:{port}"));
-        workers.push(w);
+        let mut workers = Vec::new();
+        for id in ["w1", "w2"] {
+            let port = free_port();
+            let mut w = Process::start(
+                "aspire-worker",
+                &[
+                    &etcd_flags[..],
+                    &[
+                        "--host=127.0.0.1".into(),
+                        format!("--port={port}"),
+                        format!("--worker-id={id}"),
+                        "--lease-ttl=3".into(),
+                        "--enable_batching".into(),
+                    ],
+                ]
+                .concat(),
+            );
+            w.wait_listening(&format!("127.0.0.1:{port}"));
+            workers.push(w);
+        }
+        let router_port = free_port();
+        let router_addr = format!("127.0.0.1:{router_port}");
+        let mut router = Process::start(
+            "aspire-router",
+            &[
+                &etcd_flags[..],
+                &["--host=127.0.0.1".into(), format!("--port={router_port}")],
+            ]
+            .concat(),
+        );
+        router.wait_listening(&router_addr);
+        wait_available(&router_addr, "mnist", 1, LIMIT).await;
+        println!("stack up, v1 served, after {:?}", started.elapsed());
+        Stack {
+            etcd,
+            tmp,
+            etcd_flags,
+            _discovery: discovery,
+            workers,
+            router,
+            router_addr,
+        }
     }
-    let router_port = free_port();
-    let router_addr = format!("127.0.0.1:{router_port}");
-    let mut router = Process::start(
-        "aspire-router",
-        &[
-            &etcd_flags[..],
-            &["--host=127.0.0.1".into(), format!("--port={router_port}")],
-        ]
-        .concat(),
-    );
-    router.wait_listening(&router_addr);
-    wait_available(&router_addr, "mnist", 1, LIMIT).await;
-    println!("stack up, v1 served, after {:?}", started.elapsed());
+
+    fn status(&self) -> String {
+        let out = Command::new(aspire_tests::bin("aspirectl"))
+            .args(&self.etcd_flags)
+            .arg("status")
+            .output()
+            .expect("aspirectl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `n` steady clients through the router; they run until `stop`.
+    async fn steady_clients(
+        &self,
+        n: usize,
+        stop: &Arc<AtomicBool>,
+    ) -> (Arc<Mutex<Steady>>, Vec<tokio::task::JoinHandle<()>>) {
+        let steady = Arc::new(Mutex::new(Steady::default()));
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let mut c = PredictionServiceClient::new(channel(&self.router_addr).await);
+            let (stop, steady) = (stop.clone(), steady.clone());
+            let data = aspire_mnist::data::load(Path::new(&mnist_data())).expect("data");
+            tasks.push(tokio::spawn(async move {
+                let opts = ClientOptions::parse_from(["mnist-client"]);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut req = tonic::Request::new(build_request(
+                        &opts,
+                        data.test.image(i % data.test.len()),
+                    ));
+                    req.set_timeout(Duration::from_secs(30));
+                    let result = c.predict(req).await;
+                    let mut s = steady.lock().expect("lock");
+                    match result {
+                        Ok(r) => {
+                            s.ok += 1;
+                            if let Some(VersionChoice::Version(v)) =
+                                r.into_inner().model_spec.and_then(|m| m.version_choice)
+                            {
+                                s.answers.push((Instant::now(), v));
+                            }
+                        }
+                        Err(e) => s.failures.push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                    i += 1;
+                }
+            }));
+        }
+        (steady, tasks)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_scenario_loses_no_request() {
+    let mut stack = Stack::start().await;
+    let endpoint = stack.etcd.endpoint();
+    let router_addr = stack.router_addr.clone();
+    let etcd_flags = stack.etcd_flags.clone();
+    let exported = stack.tmp.path().join("mnist_model");
+    let monitored = stack.tmp.path().join("monitored");
 
     // 1000 images through the router.
     let v1 = client(&router_addr, 1000).await;
@@ -175,36 +257,7 @@ async fn cluster_scenario_loses_no_request() {
 
     // A steady client through every step.
     let stop = Arc::new(AtomicBool::new(false));
-    let steady = Arc::new(Mutex::new(Steady::default()));
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let mut c = PredictionServiceClient::new(channel(&router_addr).await);
-        let (stop, steady) = (stop.clone(), steady.clone());
-        let data = aspire_mnist::data::load(Path::new(&mnist_data())).expect("data");
-        tasks.push(tokio::spawn(async move {
-            let opts = ClientOptions::parse_from(["mnist-client"]);
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let mut req =
-                    tonic::Request::new(build_request(&opts, data.test.image(i % data.test.len())));
-                req.set_timeout(Duration::from_secs(30));
-                let result = c.predict(req).await;
-                let mut s = steady.lock().expect("lock");
-                match result {
-                    Ok(r) => {
-                        s.ok += 1;
-                        if let Some(VersionChoice::Version(v)) =
-                            r.into_inner().model_spec.and_then(|m| m.version_choice)
-                        {
-                            s.answers.push((Instant::now(), v));
-                        }
-                    }
-                    Err(e) => s.failures.push(format!("{:?}: {}", e.code(), e.message())),
-                }
-                i += 1;
-            }
-        }));
-    }
+    let (steady, tasks) = stack.steady_clients(3, &stop).await;
 
     // Copy v2 in: the router's default answers come from v2.
     let t = Instant::now();
@@ -243,12 +296,7 @@ async fn cluster_scenario_loses_no_request() {
         &endpoint,
         &["put", &format!("{PREFIX}/models/mnist/pinned"), "1,x"],
     );
-    let status = Command::new(aspire_tests::bin("aspirectl"))
-        .args(&etcd_flags)
-        .arg("status")
-        .output()
-        .expect("aspirectl");
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = stack.status();
     assert!(status.contains("IGNORED"), "{status}");
 
     // Unpin: v2 back.
@@ -262,21 +310,13 @@ async fn cluster_scenario_loses_no_request() {
 
     // Kill one worker: requests keep succeeding on the other. Both serve v2 first (the
     // scenario's premise: the other worker has the version).
-    let status_cmd = || {
-        let out = Command::new(aspire_tests::bin("aspirectl"))
-            .args(&etcd_flags)
-            .arg("status")
-            .output()
-            .expect("aspirectl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     eventually(LIMIT, "both workers serve v2", || {
-        let status = status_cmd();
+        let status = stack.status();
         async move { (status.matches("mnist v2: AVAILABLE").count() == 2).then_some(()) }
     })
     .await;
     let killed_at = Instant::now();
-    workers[0].kill();
+    stack.workers[0].kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let v2 = client(&router_addr, 1000).await;
 
@@ -299,8 +339,49 @@ async fn cluster_scenario_loses_no_request() {
     assert_eq!(v2.versions.get(&2), Some(&1000), "{}", v2.counts_line());
     assert!(v2.error_rate() < v1.error_rate());
     assert_eq!(
-        router.terminate(),
+        stack.router.terminate(),
         Some(0),
         "router exits cleanly on SIGTERM"
     );
+}
+
+/// A worker stopped with SIGTERM under load (as Kubernetes stops a pod) deregisters first,
+/// finishes what is in flight and exits 0: no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_with_sigterm_costs_no_request() {
+    let mut stack = Stack::start().await;
+    eventually(LIMIT, "both workers serve v1", || {
+        let status = stack.status();
+        async move { (status.matches("mnist v1: AVAILABLE").count() == 2).then_some(()) }
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (steady, tasks) = stack.steady_clients(4, &stop).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped_at = Instant::now();
+    assert_eq!(
+        stack.workers[0].terminate(),
+        Some(0),
+        "worker exits cleanly on SIGTERM"
+    );
+    let drain = stopped_at.elapsed();
+    eventually(LIMIT, "w1 deregistered", || {
+        let status = stack.status();
+        async move { (!status.contains("w1 ")).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("steady client");
+    }
+    let s = steady.lock().expect("lock");
+    let after = s.answers.iter().filter(|(at, _)| *at > stopped_at).count();
+    println!(
+        "SIGTERM drain took {drain:?}; {} requests, {} failed, {after} after the SIGTERM",
+        s.ok + s.failures.len(),
+        s.failures.len()
+    );
+    assert!(s.failures.is_empty(), "failed requests: {:?}", s.failures);
+    assert!(after > 0, "nothing was served after the SIGTERM");
 }

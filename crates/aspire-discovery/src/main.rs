@@ -3,24 +3,9 @@
 
 use std::sync::Arc;
 
-use aspire_discovery::service::{ModelArgs, run};
-use aspire_registry::cli::EtcdArgs;
+use aspire_discovery::service::{DiscoveryCli, run};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-
-/// `aspire-discovery`'s flags.
-#[derive(Debug, Parser)]
-#[command(
-    name = "aspire-discovery",
-    version,
-    about = "Publish the model versions found in storage to etcd"
-)]
-struct Cli {
-    #[command(flatten)]
-    models: ModelArgs,
-    #[command(flatten)]
-    etcd: EtcdArgs,
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -29,12 +14,7 @@ async fn main() -> anyhow::Result<()> {
     let models = cli.models.models().map_err(anyhow::Error::msg)?;
     let registry = Arc::new(cli.etcd.connect().await?);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(
-        cli.models.clone(),
-        models,
-        registry.clone(),
-        stop.clone(),
-    ));
+    let task = tokio::spawn(run(cli.models.clone(), models, registry.clone(), stop.clone()));
     aspire_telemetry::shutdown_signal().await;
     stop.cancel();
     let _ = task.await;

@@ -20,6 +20,9 @@ use crate::version_manager::{ManagerConfig, VersionManager};
 /// old version's memory only by as much.
 pub const UNLOAD_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a draining worker keeps taking requests after it deregistered.
+pub const DEREGISTER_GRACE: Duration = Duration::from_millis(500);
+
 /// What a worker needs besides its registry and listener.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -98,6 +101,10 @@ pub async fn run_worker(
         shutdown.await;
         tracing::info!("draining: deregistering, then finishing requests in flight");
         draining.deregister().await;
+        // Routers learn of the deregistration through their etcd watch within
+        // milliseconds; until then they may still send. Keep serving a moment so those
+        // requests are answered rather than refused (they would be retried elsewhere).
+        tokio::time::sleep(DEREGISTER_GRACE).await;
     };
     let served = serve(
         api,
