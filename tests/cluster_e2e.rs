@@ -15,30 +15,12 @@ use aspire_proto::serving::model_spec::VersionChoice;
 use aspire_proto::serving::prediction_service_client::PredictionServiceClient;
 use aspire_registry::etcd_server::EtcdServer;
 use aspire_tests::{
-    Process, channel, copy_dir, eventually, free_port, wait_available, workspace_root,
+    Process, channel, copy_dir, eventually, export, free_port, mnist_data, wait_available,
 };
 use clap::Parser;
 
 const LIMIT: Duration = Duration::from_secs(90);
 const PREFIX: &str = "/e2e";
-
-fn mnist_data() -> String {
-    workspace_root()
-        .join("data/mnist_5k.csv.gz")
-        .display()
-        .to_string()
-}
-
-fn export(dir: &Path, iterations: u32, version: u32) {
-    let status = Command::new(aspire_tests::bin("mnist-export"))
-        .arg(format!("--training-iteration={iterations}"))
-        .arg(format!("--model-version={version}"))
-        .arg(format!("--data={}", mnist_data()))
-        .arg(dir)
-        .status()
-        .expect("run mnist-export");
-    assert!(status.success(), "mnist-export failed");
-}
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> String {
     let out = Command::new("etcdctl")

@@ -12,30 +12,11 @@ use std::time::{Duration, Instant};
 use aspire_mnist::client::{ClientOptions, ClientReport, build_request, run_client};
 use aspire_proto::serving::{GetModelMetadataRequest, GetModelStatusRequest, PredictRequest};
 use aspire_proto::{TensorProto, TensorShapeProto, tensorflow::tensor_shape_proto::Dim};
-use aspire_tests::{Server, copy_dir, eventually, spec, workspace_root};
+use aspire_tests::{Server, copy_dir, eventually, export, mnist_data, spec, workspace_root};
 use clap::Parser;
 use tonic::Code;
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-fn mnist_data() -> String {
-    workspace_root()
-        .join("data/mnist_5k.csv.gz")
-        .display()
-        .to_string()
-}
-
-/// Exports mnist `version` trained for `iterations` into `dir` with the real exporter.
-fn export(dir: &Path, iterations: u32, version: u32) {
-    let status = Command::new(aspire_tests::bin("mnist-export"))
-        .arg(format!("--training-iteration={iterations}"))
-        .arg(format!("--model-version={version}"))
-        .arg(format!("--data={}", mnist_data()))
-        .arg(dir)
-        .status()
-        .expect("run mnist-export");
-    assert!(status.success(), "mnist-export failed");
-}
 
 async fn client(server: &Server, num_tests: usize, concurrency: usize) -> ClientReport {
     let opts = ClientOptions::parse_from([

@@ -37,6 +37,26 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The MNIST data `scripts/setup.sh` extracts.
+pub fn mnist_data() -> String {
+    workspace_root()
+        .join("data/mnist_5k.csv.gz")
+        .display()
+        .to_string()
+}
+
+/// Exports mnist `version` trained for `iterations` into `dir` with the real exporter.
+pub fn export(dir: &Path, iterations: u32, version: u32) {
+    let status = Command::new(bin("mnist-export"))
+        .arg(format!("--training-iteration={iterations}"))
+        .arg(format!("--model-version={version}"))
+        .arg(format!("--data={}", mnist_data()))
+        .arg(dir)
+        .status()
+        .expect("run mnist-export");
+    assert!(status.success(), "mnist-export failed");
+}
+
 /// Polls `check` until it returns `Some`, or panics after `limit` naming `what`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where

@@ -14,7 +14,12 @@ async fn main() -> anyhow::Result<()> {
     let models = cli.models.models().map_err(anyhow::Error::msg)?;
     let registry = Arc::new(cli.etcd.connect().await?);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(cli.models.clone(), models, registry.clone(), stop.clone()));
+    let task = tokio::spawn(run(
+        cli.models.clone(),
+        models,
+        registry.clone(),
+        stop.clone(),
+    ));
     aspire_telemetry::shutdown_signal().await;
     stop.cancel();
     let _ = task.await;
