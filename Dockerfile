@@ -32,7 +32,14 @@ RUN apt-get update \
         build-essential ca-certificates curl pkg-config protobuf-compiler python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
-ENV RUSTUP_HOME=/opt/rustup CARGO_HOME=/opt/cargo PATH=/opt/cargo/bin:$PATH
+# Behind a TLS-intercepting proxy the registries' certificates are signed by the proxy's CA:
+# scripts/build_image.sh copies the build host's local CAs (/usr/local/share/ca-certificates)
+# here. Only this stage trusts them; the runtime image has Debian's bundle alone.
+COPY deploy/docker/extra-ca/ /usr/local/share/ca-certificates/
+RUN update-ca-certificates
+ENV RUSTUP_HOME=/opt/rustup CARGO_HOME=/opt/cargo PATH=/opt/cargo/bin:$PATH \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    CARGO_HTTP_CAINFO=/etc/ssl/certs/ca-certificates.crt
 RUN set -eu; \
     url=https://static.rust-lang.org/rustup/dist/x86_64-unknown-linux-gnu/rustup-init; \
     curl --proto '=https' --tlsv1.2 -sSf "$url" -o /tmp/rustup-init; \

@@ -84,6 +84,15 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     $SUDO tar -C "$rootfs" --exclude=./.complete -c . | docker import - "$BASE_IMAGE" >/dev/null
 fi
 
+# Behind a TLS-intercepting proxy the build stage must trust the proxy's CA: take the
+# host's local CAs (Debian keeps them in /usr/local/share/ca-certificates).
+extra_ca=deploy/docker/extra-ca
+find "$extra_ca" -name '*.crt' -delete
+for crt in "${EXTRA_CA_DIR:-/usr/local/share/ca-certificates}"/*.crt; do
+    [ -e "$crt" ] && cp "$crt" "$extra_ca/"
+done
+[ -n "$(ls "$extra_ca"/*.crt 2>/dev/null)" ] && log "trusting in the build stage: $(cd "$extra_ca" && echo *.crt)"
+
 log "docker build -t $IMAGE (TORCH_VARIANT=$TORCH_VARIANT); a cold build takes a while (release build of the workspace)"
 start=$(date +%s)
 docker build --network=host --build-arg "TORCH_VARIANT=$TORCH_VARIANT" \

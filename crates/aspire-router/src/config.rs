@@ -6,11 +6,16 @@
 use std::time::Duration;
 
 use aspire_registry::cli::EtcdArgs;
+use aspire_telemetry::metrics::MetricsPort;
 use clap::Parser;
 
 /// TensorFlow Serving's limit on message size (2 GiB − 1), the default of
 /// `--max-message-size-bytes`.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+
+/// `--metrics-port` when not given: the default gRPC port (8500) plus 1000, as the
+/// worker's is (9501 for 8501).
+pub const DEFAULT_METRICS_PORT: u16 = 9500;
 
 /// `aspire-router`'s flags.
 #[derive(Debug, Clone, Parser)]
@@ -50,6 +55,15 @@ pub struct RouterConfig {
         default_value_t = 1000
     )]
     pub worker_probe_interval_ms: u64,
+    /// Port for Prometheus metrics on /metrics, on the --host address; 0 turns them off
+    /// [default: 9500, best effort: if it is taken, the router logs an error and runs
+    /// without; a port given here must be free].
+    #[arg(
+        long = "metrics-port",
+        visible_alias = "metrics_port",
+        env = "ASPIRE_METRICS_PORT"
+    )]
+    pub metrics_port: Option<u16>,
 }
 
 impl RouterConfig {
@@ -77,6 +91,11 @@ impl RouterConfig {
         self.runtime_worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1)
+    }
+
+    /// What [`Self::metrics_port`] asks for.
+    pub fn metrics(&self) -> MetricsPort {
+        MetricsPort::from_flag(self.metrics_port, DEFAULT_METRICS_PORT)
     }
 
     /// [`Self::worker_probe_interval_ms`] as a duration.
@@ -121,6 +140,11 @@ mod tests {
         assert_eq!(c.etcd.etcd_endpoints, vec!["http://e:1"]);
         assert_eq!(c.worker_probe_interval(), Duration::from_millis(5));
         assert!(c.validate().is_ok());
+        assert_eq!(c.metrics(), MetricsPort::Default(DEFAULT_METRICS_PORT));
+        let c = parse(&["--metrics_port=9"]).unwrap();
+        assert_eq!(c.metrics(), MetricsPort::Required(9));
+        let c = parse(&["--metrics-port", "0"]).unwrap();
+        assert_eq!(c.metrics(), MetricsPort::Disabled);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use aspire_proto::serving::model_spec::VersionChoice;
+use aspire_telemetry::metrics::{RequestMetrics, RouterMetrics};
 use bytes::Bytes;
 use tokio::time::Instant;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -34,12 +35,29 @@ pub(crate) struct Router {
     pub(crate) max_message_bytes: usize,
     /// How soon a worker marked down is first health-checked.
     pub(crate) probe_after: Duration,
+    pub(crate) metrics: RouterMetrics,
 }
 
 impl Router {
     /// Routes one Predict call. Errors are the router's own (bad request, no route) or
     /// the worker's status as it came.
     pub(crate) async fn predict(&self, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+        let started = std::time::Instant::now();
+        let mut route = None;
+        let answer = self.forward_predict(request, &mut route).await;
+        let code = answer.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
+        route
+            .unwrap_or_else(|| self.metrics.unresolved())
+            .record(code, started.elapsed());
+        answer
+    }
+
+    /// [`Self::predict`]; `route` is set to the metrics of the route taken.
+    async fn forward_predict(
+        &self,
+        request: Request<Bytes>,
+        route: &mut Option<Arc<RequestMetrics>>,
+    ) -> Result<Response<Bytes>, Status> {
         let deadline = client_deadline(request.metadata());
         let SplitRequest {
             mut model_spec,
@@ -47,6 +65,7 @@ impl Router {
         } = wire::split_predict_request(request.get_ref())?;
         let wanted = requested_version(&model_spec)?;
         let (version, worker) = self.table.load().route(&model_spec.name, wanted)?;
+        *route = Some(self.metrics.route(&model_spec.name, version.as_i64()));
         // Explicit, so the worker serves exactly what the router chose even if its own
         // view of the default version differs for a moment.
         model_spec.version_choice = Some(VersionChoice::Version(version.as_i64()));
@@ -56,7 +75,7 @@ impl Router {
             Err(status) if worker_went_away(&status) => status,
             answer => return answer,
         };
-        worker.mark_down(failure.message(), self.probe_after);
+        self.mark_down(&worker, failure.message());
         let table = self.table.load();
         let (message, version, other) = match table.route_exact(&model_spec.name, version, &worker)
         {
@@ -67,6 +86,7 @@ impl Router {
             None if wanted.is_none() => match table.route(&model_spec.name, None) {
                 Ok((v, other)) => {
                     model_spec.version_choice = Some(VersionChoice::Version(v.as_i64()));
+                    *route = Some(self.metrics.route(&model_spec.name, v.as_i64()));
                     (Forwarded::new(&model_spec, other_fields), v, other)
                 }
                 Err(_) => return Err(went_away(&worker, &failure)),
@@ -74,17 +94,27 @@ impl Router {
             None => return Err(went_away(&worker, &failure)),
         };
         drop(table);
+        self.metrics.retried();
         tracing::debug!(
             from = %worker.id, to = %other.id, model = %model_spec.name, %version,
             "retrying Predict on another worker: {}", failure.message()
         );
         match self.call(&other, message, deadline).await {
             Err(status) if worker_went_away(&status) => {
-                other.mark_down(status.message(), self.probe_after);
+                self.mark_down(&other, status.message());
                 Err(went_away(&other, &status))
             }
             answer => answer,
         }
+    }
+
+    /// Marks `worker` down, counting it if it was live. (Two calls failing on it at once
+    /// may both count it: the flag is read before it is set.)
+    fn mark_down(&self, worker: &Arc<WorkerHandle>, why: &str) {
+        if worker.is_live() {
+            self.metrics.worker_marked_down();
+        }
+        worker.mark_down(why, self.probe_after);
     }
 
     async fn call(

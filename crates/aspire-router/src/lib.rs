@@ -33,6 +33,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use aspire_proto::serving::model_service_server::ModelServiceServer;
 use aspire_registry::Registry;
+use aspire_telemetry::metrics::{MetricsServer, RouterMetrics};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -62,7 +63,8 @@ pub async fn bind(config: &RouterConfig) -> anyhow::Result<TcpListener> {
 
 /// Runs the router on `listener`, routing by what `registry` says, until `shutdown`
 /// resolves; then it stops accepting and finishes the requests in flight. Health reports
-/// SERVING once the first routing table is built.
+/// SERVING once the first routing table is built. Prometheus metrics are served as
+/// `--metrics-port` says, on the listener's address.
 pub async fn run(
     config: RouterConfig,
     registry: Arc<dyn Registry>,
@@ -70,8 +72,32 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let ip = listener.local_addr()?.ip();
+    let metrics = config.metrics().bind(ip).await.map_err(anyhow::Error::msg)?;
+    run_with_metrics(config, registry, listener, metrics, shutdown).await
+}
+
+/// [`run`], serving `/metrics` on `metrics_listener` when there is one, whatever
+/// `--metrics-port` says (tests hand it a listener on port 0).
+pub async fn run_with_metrics(
+    config: RouterConfig,
+    registry: Arc<dyn Registry>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let local = listener.local_addr()?;
     let table = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
+    let metrics = RouterMetrics::new({
+        let table = Arc::clone(&table);
+        move || table.load().workers.iter().filter(|w| w.is_live()).count()
+    });
+    // Serves until this function returns.
+    let _endpoint = metrics_listener
+        .map(|l| MetricsServer::start(l, metrics.registry().clone()))
+        .transpose()
+        .context("metrics listener")?;
     let (ready_tx, ready) = watch::channel(false);
     let follower = tokio::spawn(routing_table::follow_registry(
         registry.subscribe(),
@@ -82,6 +108,7 @@ pub async fn run(
         table,
         max_message_bytes: config.max_message_size_bytes,
         probe_after: config.worker_probe_interval(),
+        metrics,
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use aspire_discovery::service::{self as discovery, ModelArgs};
 use aspire_registry::{MemoryRegistry, Registry};
+use aspire_telemetry::metrics::MetricsPort;
 use aspire_worker::app::{WorkerSettings, run_worker};
 use aspire_worker::config::{BatchingArgs, RuntimeArgs, ServingArgs};
 use clap::Parser;
@@ -46,6 +47,15 @@ pub struct Config {
     /// gRPC serving.
     #[command(flatten)]
     pub serving: ServingArgs,
+    /// Port for Prometheus metrics (`aspire_worker_*`) on /metrics, on the --host
+    /// address; it must be free [default: off, as TensorFlow Serving's monitoring is
+    /// until configured].
+    #[arg(
+        long = "metrics-port",
+        visible_alias = "metrics_port",
+        env = "ASPIRE_METRICS_PORT"
+    )]
+    pub metrics_port: Option<u16>,
 }
 
 /// Binds the configured address.
@@ -82,6 +92,7 @@ pub async fn run(
         batching: config.batching,
         runtime: config.runtime,
         serving: config.serving,
+        metrics: MetricsPort::from_flag(config.metrics_port, 0),
     };
     let result = run_worker(settings, registry, listener, shutdown).await;
     stop.cancel();

@@ -1,6 +1,9 @@
 //! What every Aspire binary's `main` sets up before it calls its library's `run`:
 //! logging ([`init_logging`]) and the signal that starts a graceful shutdown
-//! ([`shutdown_signal`]). One place, so every service logs and stops alike.
+//! ([`shutdown_signal`]); and the Prometheus metrics each service records and serves on
+//! `/metrics` ([`metrics`]). One place, so every service logs, measures and stops alike.
+
+pub mod metrics;
 
 use std::io::IsTerminal;
 

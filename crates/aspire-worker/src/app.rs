@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aspire_registry::Registry;
+use aspire_telemetry::metrics::{MetricsPort, MetricsServer, WorkerMetrics};
 use tokio::net::TcpListener;
 
 use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, warmup_batch_sizes};
@@ -23,6 +24,10 @@ pub const UNLOAD_GRACE: Duration = Duration::from_secs(2);
 /// How long a draining worker keeps taking requests after it deregistered.
 pub const DEREGISTER_GRACE: Duration = Duration::from_millis(500);
 
+/// `aspire-worker`'s `--metrics-port` when not given: its gRPC port's default (8501)
+/// plus 1000, as the router's is (9500 for 8500).
+pub const DEFAULT_METRICS_PORT: u16 = 9501;
+
 /// What a worker needs besides its registry and listener.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -36,6 +41,8 @@ pub struct WorkerSettings {
     pub runtime: RuntimeArgs,
     /// gRPC serving flags.
     pub serving: ServingArgs,
+    /// Where Prometheus metrics are served, on the gRPC listener's address.
+    pub metrics: MetricsPort,
 }
 
 /// Why a worker could not start or stopped with an error.
@@ -51,13 +58,41 @@ pub enum WorkerStartError {
 
 /// Runs a worker on `listener` until `shutdown` resolves, then drains: deregisters (so
 /// routers stop sending at once), stops taking requests and finishes those in flight,
-/// then unloads every version.
+/// then unloads every version. Prometheus metrics are served as `settings.metrics`
+/// says, on the listener's address.
 pub async fn run_worker(
     settings: WorkerSettings,
     registry: Arc<dyn Registry>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerStartError> {
+    let ip = listener
+        .local_addr()
+        .map_err(|e| WorkerStartError::Config(format!("listener has no address: {e}")))?
+        .ip();
+    let metrics = settings
+        .metrics
+        .bind(ip)
+        .await
+        .map_err(WorkerStartError::Config)?;
+    run_worker_with_metrics(settings, registry, listener, metrics, shutdown).await
+}
+
+/// [`run_worker`], serving `/metrics` on `metrics_listener` when there is one, whatever
+/// `settings.metrics` says (tests hand it a listener on port 0).
+pub async fn run_worker_with_metrics(
+    settings: WorkerSettings,
+    registry: Arc<dyn Registry>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerStartError> {
+    let metrics = WorkerMetrics::new();
+    // Serves until this function returns.
+    let _endpoint = metrics_listener
+        .map(|l| MetricsServer::start(l, metrics.registry().clone()))
+        .transpose()
+        .map_err(|e| WorkerStartError::Config(format!("metrics listener: {e}")))?;
     let batching = settings
         .batching
         .resolve()
@@ -93,6 +128,7 @@ pub async fn run_worker(
         load_retry_initial: Duration::from_secs(1),
         load_retry_max: Duration::from_secs(60),
         unload_grace: UNLOAD_GRACE,
+        metrics: metrics.clone(),
     };
     let (manager, manager_task) = VersionManager::start(config, device_name, registry);
     let api = ServingApi::new(manager.clone(), settings.serving.output_encoding.into());
@@ -164,6 +200,15 @@ pub struct WorkerCli {
     /// gRPC serving.
     #[command(flatten)]
     pub serving: ServingArgs,
+    /// Port for Prometheus metrics on /metrics, on the --host address; 0 turns them off
+    /// [default: 9501, best effort: if it is taken, the worker logs an error and runs
+    /// without; a port given here must be free].
+    #[arg(
+        long = "metrics-port",
+        visible_alias = "metrics_port",
+        env = "ASPIRE_METRICS_PORT"
+    )]
+    pub metrics_port: Option<u16>,
 }
 
 impl WorkerCli {
@@ -192,6 +237,7 @@ impl WorkerCli {
             batching: self.batching.clone(),
             runtime: self.runtime.clone(),
             serving: self.serving.clone(),
+            metrics: MetricsPort::from_flag(self.metrics_port, DEFAULT_METRICS_PORT),
         })
     }
 }

@@ -20,6 +20,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use aspire_core::Signature;
+use aspire_telemetry::metrics::BatchMetrics;
 use tokio::sync::oneshot;
 
 use crate::model::Servable;
@@ -103,11 +104,20 @@ pub struct Batcher {
 impl Batcher {
     /// Starts `config.num_batch_threads` threads running `model`. Counts of zero in
     /// `config` are taken as 1. Panics only if the OS cannot start a thread.
-    pub fn new(model: Arc<dyn Servable>, mut config: BatchConfig) -> Self {
+    pub fn new(model: Arc<dyn Servable>, config: BatchConfig) -> Self {
+        Self::with_metrics(model, config, BatchMetrics::detached())
+    }
+
+    /// [`Self::new`], recording queue depth, waits and batches in `metrics`.
+    pub fn with_metrics(
+        model: Arc<dyn Servable>,
+        mut config: BatchConfig,
+        metrics: BatchMetrics,
+    ) -> Self {
         config.max_batch_size = config.max_batch_size.max(1);
         config.max_enqueued_batches = config.max_enqueued_batches.max(1);
         config.num_batch_threads = config.num_batch_threads.max(1);
-        let shared = Arc::new(Shared::new(config));
+        let shared = Arc::new(Shared::new(config, metrics));
         let threads = (0..shared.config.num_batch_threads)
             .map(|i| {
                 let (shared, model) = (Arc::clone(&shared), Arc::clone(&model));

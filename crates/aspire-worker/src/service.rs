@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::codec::{self, OutputEncoding};
 use crate::error::WorkerError;
-use crate::version_manager::{ModelEntry, VersionManager};
+use crate::version_manager::{LoadedVersion, ModelEntry, VersionManager};
 
 /// The gRPC API of one worker (or of `aspire-server`).
 #[derive(Clone)]
@@ -37,10 +37,12 @@ impl ServingApi {
         Self { manager, encoding }
     }
 
+    /// Answers one Predict; `served_by` is set to the version it reached, for metrics.
     async fn do_predict(
         &self,
         req: PredictRequest,
         deadline: Option<Instant>,
+        served_by: &mut Option<Arc<LoadedVersion>>,
     ) -> Result<PredictResponse, WorkerError> {
         let spec = req
             .model_spec
@@ -50,6 +52,7 @@ impl ServingApi {
             let (name, entry) = table.model(&spec.name)?;
             entry.pick(name, requested_version(&spec)?)?
         };
+        *served_by = Some(Arc::clone(&lv));
         let (sig_name, sig) = lv.signature(&spec.signature_name)?;
 
         let mut inputs = req.inputs;
@@ -296,9 +299,20 @@ impl PredictionService for ServingApi {
         &self,
         req: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
+        let started = std::time::Instant::now();
         let deadline = request_deadline(&req);
-        let resp = self.do_predict(req.into_inner(), deadline).await?;
-        Ok(Response::new(resp))
+        let mut served_by = None;
+        let resp = self
+            .do_predict(req.into_inner(), deadline, &mut served_by)
+            .await
+            .map_err(Status::from);
+        let code = resp.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
+        let requests = match &served_by {
+            Some(lv) => &lv.requests,
+            None => self.manager.metrics().unresolved(),
+        };
+        requests.record(code, started.elapsed());
+        Ok(Response::new(resp?))
     }
 
     async fn multi_inference(

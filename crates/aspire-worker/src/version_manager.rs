@@ -23,6 +23,7 @@ use aspire_core::{
     AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, Version, WorkerRecord,
 };
 use aspire_registry::Registry;
+use aspire_telemetry::metrics::{RequestMetrics, VersionMetrics, WorkerMetrics};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -53,6 +54,8 @@ pub struct ManagerConfig {
     /// it, after it is reported UNLOADING (routers choose versions from what they last
     /// saw, so they need a moment to see the change).
     pub unload_grace: Duration,
+    /// Where loads, versions and their requests are measured.
+    pub metrics: WorkerMetrics,
 }
 
 /// A version loaded into LibTorch with its batcher.
@@ -66,6 +69,8 @@ pub struct LoadedVersion {
     by_name: BTreeMap<String, Arc<Signature>>,
     /// Its queue and batch threads.
     pub batcher: Batcher,
+    /// Its Predict requests' counts and latencies.
+    pub requests: RequestMetrics,
 }
 
 impl LoadedVersion {
@@ -77,6 +82,19 @@ impl LoadedVersion {
         servable: Arc<dyn Servable>,
         batching: BatchConfig,
     ) -> Self {
+        let metrics = VersionMetrics::detached();
+        Self::with_metrics(model, version, signatures, servable, batching, metrics)
+    }
+
+    /// [`Self::new`], measured with `metrics`.
+    pub fn with_metrics(
+        model: ModelName,
+        version: Version,
+        signatures: SignatureMap,
+        servable: Arc<dyn Servable>,
+        batching: BatchConfig,
+        metrics: VersionMetrics,
+    ) -> Self {
         let by_name = signatures
             .signatures
             .iter()
@@ -87,7 +105,8 @@ impl LoadedVersion {
             version,
             signatures,
             by_name,
-            batcher: Batcher::new(servable, batching),
+            batcher: Batcher::with_metrics(servable, batching, metrics.batch),
+            requests: metrics.requests,
         }
     }
 
@@ -199,6 +218,7 @@ pub struct VersionManager {
     draining: watch::Sender<bool>,
     /// Set by the actor once the record is removed.
     deregistered: watch::Sender<bool>,
+    metrics: WorkerMetrics,
 }
 
 impl VersionManager {
@@ -218,6 +238,7 @@ impl VersionManager {
             stop,
             draining: watch::channel(false).0,
             deregistered: watch::channel(false).0,
+            metrics: config.metrics.clone(),
         });
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let actor = Actor {
@@ -233,6 +254,11 @@ impl VersionManager {
         };
         let handle = tokio::spawn(actor.run(events_rx, stop_rx));
         (manager, handle)
+    }
+
+    /// This worker's metrics.
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
     }
 
     /// The current snapshot.
@@ -443,7 +469,14 @@ impl Actor {
         let config = self.config.clone();
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = load_version(&config, &key, &path, signatures).await;
+            match &result {
+                Ok(_) => config
+                    .metrics
+                    .version_loaded(key.0.as_str(), started.elapsed()),
+                Err(_) => config.metrics.version_load_failed(key.0.as_str()),
+            }
             let _ = tx.send(Event::Loaded(key, result));
         });
     }
@@ -538,6 +571,12 @@ impl Actor {
             };
             table.models.insert(model, entry);
         }
+        self.config.metrics.set_versions_available(
+            table
+                .models
+                .iter()
+                .map(|(model, entry)| (model.as_str(), entry.loaded.len())),
+        );
         self.manager.table.store(Arc::new(table));
         self.manager
             .ready
@@ -634,12 +673,16 @@ async fn load_version(
     let key = key.clone();
     tokio::task::spawn_blocking(move || {
         let model = TorchModel::load(&dir, config.device, &signatures, &config.warmup_batch_sizes)?;
-        Ok(Arc::new(LoadedVersion::new(
+        let metrics = config
+            .metrics
+            .version(key.0.as_str(), &key.1.to_string());
+        Ok(Arc::new(LoadedVersion::with_metrics(
             key.0,
             key.1,
             signatures,
             model,
             config.batching.clone(),
+            metrics,
         )))
     })
     .await

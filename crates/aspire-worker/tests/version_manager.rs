@@ -213,6 +213,7 @@ impl Worker {
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
             unload_grace,
+            metrics: Default::default(),
         };
         let (manager, handle) =
             VersionManager::start(config, "cpu".into(), registry.clone() as Arc<dyn Registry>);

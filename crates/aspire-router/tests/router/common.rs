@@ -32,6 +32,8 @@ static SYNC: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::ne
 pub struct Cluster {
     pub registry: Arc<MemoryRegistry>,
     pub addr: std::net::SocketAddr,
+    /// Where `/metrics` is served, for a router started [`Cluster::with_metrics`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -45,6 +47,20 @@ impl Cluster {
 
     /// A router that probes down workers after `probe`.
     pub async fn with_probe(probe: Duration) -> Self {
+        Self::start_with(probe, false).await
+    }
+
+    /// [`Cluster::start`], serving `/metrics` on a loopback port of its own.
+    pub async fn with_metrics() -> Self {
+        Self::start_with(Duration::from_secs(60), true).await
+    }
+
+    async fn start_with(probe: Duration, metrics: bool) -> Self {
+        let metrics_listener = match metrics {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().unwrap());
         let registry = Arc::new(MemoryRegistry::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -59,6 +75,7 @@ impl Cluster {
             runtime_worker_threads: None,
             max_message_size_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             worker_probe_interval_ms: u64::try_from(probe.as_millis()).unwrap(),
+            metrics_port: Some(0),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_registry: Arc<dyn Registry> = registry.clone();
@@ -66,13 +83,20 @@ impl Cluster {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            aspire_router::run(config, dyn_registry, listener, shutdown)
-                .await
-                .unwrap();
+            aspire_router::run_with_metrics(
+                config,
+                dyn_registry,
+                listener,
+                metrics_listener,
+                shutdown,
+            )
+            .await
+            .unwrap();
         });
         Self {
             registry,
             addr,
+            metrics_addr,
             stop: Some(stop),
             task: Some(task),
         }

@@ -5,5 +5,6 @@ mod common;
 mod failover;
 mod fake_worker;
 mod forwarding;
+mod metrics;
 mod model_info;
 mod routing;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use aspire_core::Signature;
+use aspire_telemetry::metrics::BatchMetrics;
 use tokio::sync::oneshot;
 
 use super::{BatchConfig, BatchError, BatchStats};
@@ -102,6 +103,8 @@ struct State {
     rows: usize,
     /// No new items; batch threads drain the queue and exit.
     closed: bool,
+    /// Where `rows` is published (under the lock, so the gauge never goes back in time).
+    metrics: BatchMetrics,
 }
 
 /// The queue, its wake-up signal, and what the batch threads need to know.
@@ -111,6 +114,8 @@ pub(super) struct Shared {
     /// Most rows queued at once.
     pub capacity: usize,
     pub stats: Counters,
+    /// Waits and batches; the queue depth is published through `state`.
+    pub metrics: BatchMetrics,
     state: Mutex<State>,
     /// Signalled when an item arrives, when a thread leaves work behind, and on close.
     wake: Condvar,
@@ -126,7 +131,7 @@ struct Plan {
 }
 
 impl Shared {
-    pub fn new(config: BatchConfig) -> Self {
+    pub fn new(config: BatchConfig, metrics: BatchMetrics) -> Self {
         let capacity = config
             .max_enqueued_batches
             .saturating_mul(config.max_batch_size);
@@ -135,7 +140,9 @@ impl Shared {
                 queue: VecDeque::with_capacity(capacity.min(1024)),
                 rows: 0,
                 closed: false,
+                metrics: metrics.clone(),
             }),
+            metrics,
             wake: Condvar::new(),
             stats: Counters::default(),
             capacity,
@@ -162,6 +169,7 @@ impl Shared {
             });
         }
         state.rows += item.rows;
+        state.metrics.set_queue_rows(state.rows);
         state.queue.push_back(item);
         drop(state);
         self.wake.notify_one();
@@ -179,6 +187,7 @@ impl Shared {
         state.closed = true;
         let discarded = if discard {
             state.rows = 0;
+            state.metrics.set_queue_rows(0);
             state.queue.drain(..).collect()
         } else {
             Vec::new()
@@ -250,6 +259,7 @@ impl Shared {
 impl State {
     fn remove_rows(&mut self, item: &Item) {
         self.rows -= item.rows;
+        self.metrics.set_queue_rows(self.rows);
     }
 
     fn purge_front(&mut self, now: Instant, s: &mut Scratch) {

@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 
 use aspire_core::{Signature, TensorSpec};
 use bytes::Bytes;
@@ -56,6 +57,12 @@ fn run_batch(shared: &Shared, model: &dyn Servable, items: &mut Vec<Item>) {
         rows
     };
     let signature = Arc::clone(&items[0].signature);
+    let started = Instant::now();
+    for item in items.iter() {
+        shared
+            .metrics
+            .observe_queue_wait(started.saturating_duration_since(item.enqueued));
+    }
     // A lone unpadded request is handed to the model as it came: no copy.
     let pass_through = items.len() == 1 && padded == rows;
     let result = if pass_through {
@@ -65,6 +72,9 @@ fn run_batch(shared: &Shared, model: &dyn Servable, items: &mut Vec<Item>) {
         invoke(model, &signature, &inputs)
     }
     .and_then(|outputs| check_outputs(&signature, outputs, padded));
+    shared
+        .metrics
+        .observe_batch(started.elapsed(), rows, padded - rows);
 
     let stats = &shared.stats;
     Counters::add(&stats.batches, 1);
