@@ -27,9 +27,12 @@ ARG TORCH_VERSION=2.11.0
 ARG TORCH_VARIANT=cpu
 ARG CARGO_BUILD_JOBS=2
 
+# libprotobuf-dev: the well-known .proto files (descriptor.proto, ...) etcd-client's protos
+# import; --no-install-recommends would otherwise leave them out.
+
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        build-essential ca-certificates curl pkg-config protobuf-compiler python3 python3-venv \
+        build-essential ca-certificates curl libprotobuf-dev pkg-config protobuf-compiler python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
 # Behind a TLS-intercepting proxy the registries' certificates are signed by the proxy's CA:

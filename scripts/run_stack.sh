@@ -50,10 +50,10 @@ etcd="--etcd-endpoints=http://127.0.0.1:$etcd_client"
 pids+=($!)
 for i in 1 2; do
     "$bin/aspire-worker" "$etcd" --host=127.0.0.1 --port=$((port + i)) --worker-id="worker-$i" \
-        --enable_batching >"$demo/logs/worker-$i.log" 2>&1 &
+        --metrics-port=$((port + 1000 + i)) --enable_batching >"$demo/logs/worker-$i.log" 2>&1 &
     pids+=($!)
 done
-"$bin/aspire-router" "$etcd" --host=127.0.0.1 --port="$port" >"$demo/logs/router.log" 2>&1 &
+"$bin/aspire-router" "$etcd" --host=127.0.0.1 --port="$port" --metrics-port=$((port + 1000)) >"$demo/logs/router.log" 2>&1 &
 pids+=($!)
 
 cat <<MSG
@@ -63,6 +63,7 @@ The stack is up (logs in $demo/logs/):
   aspire-discovery  watching $demo/monitored
   aspire-worker     127.0.0.1:$((port + 1)) (worker-1), 127.0.0.1:$((port + 2)) (worker-2)
   aspire-router     127.0.0.1:$port
+  metrics           http://127.0.0.1:$((port + 1000))/metrics (router), :$((port + 1001)) and :$((port + 1002)) (workers)
 
 In another shell (README.md walks through each step):
   $bin/mnist-client --num_tests=1000 --server=127.0.0.1:$port --concurrency=10

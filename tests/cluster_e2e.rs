@@ -140,6 +140,7 @@ impl Stack {
                         format!("--port={port}"),
                         format!("--worker-id={id}"),
                         "--lease-ttl=3".into(),
+                        "--metrics-port=0".into(),
                         "--enable_batching".into(),
                     ],
                 ]
@@ -154,7 +155,7 @@ impl Stack {
             "aspire-router",
             &[
                 &etcd_flags[..],
-                &["--host=127.0.0.1".into(), format!("--port={router_port}")],
+                &["--host=127.0.0.1".into(), format!("--port={router_port}"), "--metrics-port=0".into()],
             ]
             .concat(),
         );

@@ -303,6 +303,19 @@ impl Parsed {
             Self::Discovery(_) | Self::Ctl(_) => None,
         }
     }
+
+    /// The port it serves Prometheus metrics on, if any (the flag, else its default).
+    fn metrics_port(&self) -> Option<u16> {
+        let (flag, default) = match self {
+            Self::Worker(c) => (c.metrics_port, aspire_worker::app::DEFAULT_METRICS_PORT),
+            Self::Router(c) => (c.metrics_port, aspire_router::config::DEFAULT_METRICS_PORT),
+            Self::Discovery(_) | Self::Ctl(_) => return None,
+        };
+        match flag.unwrap_or(default) {
+            0 => None,
+            port => Some(port),
+        }
+    }
 }
 
 /// An Aspire container whose command line parsed.
@@ -656,6 +669,43 @@ fn probe_problems(m: &Manifest) -> Vec<String> {
             .any(|p| p["containerPort"].as_u64() == Some(port));
         if !declared {
             problems.push(format!("{}: containerPort {port} is not declared", c.place));
+        }
+    }
+    problems
+}
+
+/// Where a worker or router serves metrics, the pod declares a port named `metrics`, and
+/// the Prometheus annotations (when present) name that port.
+fn metrics_problems(m: &Manifest) -> Vec<String> {
+    let workloads = m.workloads();
+    let (checked, _) = check_containers(m, &workloads);
+    let mut problems = Vec::new();
+    for c in &checked {
+        let Some(port) = c.parsed.metrics_port() else {
+            continue;
+        };
+        let declared = c.container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "metrics" && p["containerPort"].as_u64() == Some(port.into()));
+        if !declared {
+            problems.push(format!(
+                "{}: serves metrics on {port} but declares no containerPort {port} named metrics",
+                c.place
+            ));
+        }
+        let annotations = match c.workload.kind {
+            "Pod" => &c.workload.object["metadata"]["annotations"],
+            _ => &c.workload.object["spec"]["template"]["metadata"]["annotations"],
+        };
+        if let Some(annotated) = annotations["prometheus.io/port"].as_str()
+            && annotated != port.to_string()
+        {
+            problems.push(format!(
+                "{}: prometheus.io/port is {annotated}, metrics are on {port}",
+                c.place
+            ));
         }
     }
     problems
@@ -1052,6 +1102,11 @@ fn workers_and_routers_are_probed_on_their_grpc_port() {
 }
 
 #[test]
+fn metrics_ports_are_declared() {
+    assert_no_problems(metrics_problems);
+}
+
+#[test]
 fn no_secret_values_are_written_in_the_manifests() {
     assert_no_problems(secret_problems);
     assert_no_problems(storage_credential_problems);
@@ -1186,7 +1241,10 @@ fn fragment(command: &str, args: &[&str], env: Value) -> Manifest {
                             {"configMapRef": {"name": "aspire-config-abc"}},
                             {"secretRef": {"name": "aspire-storage-credentials", "optional": true}},
                         ],
-                        "ports": [{"name": "grpc", "containerPort": 8501}],
+                        "ports": [
+                            {"name": "grpc", "containerPort": 8501},
+                            {"name": "metrics", "containerPort": 9501},
+                        ],
                         "readinessProbe": {"grpc": {"port": 8501}},
                         "livenessProbe": {"tcpSocket": {"port": 8501}},
                         "resources": {
@@ -1219,6 +1277,7 @@ fn all_problems(m: &Manifest) -> Vec<String> {
         command_line_problems,
         resource_problems,
         probe_problems,
+        metrics_problems,
         secret_problems,
         storage_credential_problems,
         etcd_problems,
@@ -1345,6 +1404,17 @@ fn negative_an_etcd_that_is_not_deployed_fails() {
     assert_problem(
         &m,
         &["etcd endpoint http://aspire-etcd-0.aspire-etcd:2379 is not outside"],
+    );
+}
+
+#[test]
+fn negative_an_undeclared_metrics_port_fails() {
+    let mut args = GOOD_WORKER_ARGS.to_vec();
+    args.push("--metrics-port=9600");
+    let m = fragment("aspire-worker", &args, worker_env());
+    assert_problem(
+        &m,
+        &["serves metrics on 9600 but declares no containerPort 9600"],
     );
 }
 

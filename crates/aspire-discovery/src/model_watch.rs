@@ -96,6 +96,9 @@ impl ModelWatch {
         };
         match self.scan(&location).await {
             Err(why) => self.set_problem(ProblemKind::Unreadable, why),
+            // Version directories still settling (every one does on its first poll):
+            // nothing is wrong yet, so no warning.
+            Ok(complete) if complete.is_empty() && self.versions.values().any(|d| !d.stable) => {}
             Ok(complete) if complete.is_empty() => self.set_problem(
                 ProblemKind::NoCompleteVersion,
                 format!("base path {} has no complete version (a version directory with {MODEL_FILE} that stopped changing)", location.url()),

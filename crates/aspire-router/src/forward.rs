@@ -42,13 +42,14 @@ impl Router {
     /// Routes one Predict call. Errors are the router's own (bad request, no route) or
     /// the worker's status as it came.
     pub(crate) async fn predict(&self, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
-        let started = std::time::Instant::now();
-        let mut route = None;
-        let answer = self.forward_predict(request, &mut route).await;
-        let code = answer.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
-        route
-            .unwrap_or_else(|| self.metrics.unresolved())
-            .record(code, started.elapsed());
+        let mut record = PredictRecord {
+            metrics: &self.metrics,
+            started: std::time::Instant::now(),
+            route: None,
+            code: Code::Cancelled as i32,
+        };
+        let answer = self.forward_predict(request, &mut record.route).await;
+        record.code = answer.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
         answer
     }
 
@@ -148,6 +149,26 @@ impl Router {
             RawCodec::<Forwarded>::new(),
         )
         .await
+    }
+}
+
+/// Counts one Predict when dropped: with its code, or as CANCELLED if the client went
+/// away first (the server then drops the call's future before it finishes).
+struct PredictRecord<'a> {
+    metrics: &'a RouterMetrics,
+    started: std::time::Instant,
+    /// The route taken; `None` counts the request with empty labels.
+    route: Option<Arc<RequestMetrics>>,
+    code: i32,
+}
+
+impl Drop for PredictRecord<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        match &self.route {
+            Some(route) => route.record(self.code, elapsed),
+            None => self.metrics.unresolved().record(self.code, elapsed),
+        }
     }
 }
 

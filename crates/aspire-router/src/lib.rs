@@ -73,7 +73,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let ip = listener.local_addr()?.ip();
-    let metrics = config.metrics().bind(ip).await.map_err(anyhow::Error::msg)?;
+    let metrics = config
+        .metrics()
+        .bind(ip)
+        .await
+        .map_err(anyhow::Error::msg)?;
     run_with_metrics(config, registry, listener, metrics, shutdown).await
 }
 

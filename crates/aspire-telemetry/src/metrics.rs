@@ -4,11 +4,11 @@
 //! Each service owns one [`Registry`] (not the process-wide default one), so tests can
 //! run several services in one process and read each one's counts alone:
 //!
-//! - [`WorkerMetrics`]: `aspire_worker_*`, for `aspire-worker` and `aspire-server`;
-//! - [`RouterMetrics`]: `aspire_router_*`;
-//! - [`MetricsPort`]: what `--metrics-port` means, and binding it;
-//! - [`MetricsServer`]: the HTTP endpoint (`GET /metrics`, Prometheus text format);
-//! - [`scrape`] and [`sample`]: reading an endpoint back, for tests and tools.
+//! - [`WorkerMetrics`] holds `aspire_worker_*`, for `aspire-worker` and `aspire-server`;
+//! - [`RouterMetrics`] holds `aspire_router_*`;
+//! - [`MetricsPort`] is what `--metrics-port` means, and binds it;
+//! - [`MetricsServer`] is the HTTP endpoint (`GET /metrics`, Prometheus text format);
+//! - [`scrape`] and [`sample`] read an endpoint back, for tests and tools.
 //!
 //! The request path only touches handles resolved in advance: a version's handles are
 //! made when it loads (label values formatted once), and a request's gRPC code picks
@@ -192,7 +192,10 @@ mod tests {
 
     #[test]
     fn metrics_port_flag() {
-        assert_eq!(MetricsPort::from_flag(None, 9501), MetricsPort::Default(9501));
+        assert_eq!(
+            MetricsPort::from_flag(None, 9501),
+            MetricsPort::Default(9501)
+        );
         assert_eq!(MetricsPort::from_flag(None, 0), MetricsPort::Disabled);
         assert_eq!(MetricsPort::from_flag(Some(0), 9501), MetricsPort::Disabled);
         assert_eq!(MetricsPort::from_flag(Some(7), 0), MetricsPort::Required(7));

@@ -275,6 +275,26 @@ pub fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
     })
 }
 
+/// Counts one Predict when dropped: with its code, or as CANCELLED if the client went
+/// away first (the server then drops the call's future before it finishes).
+struct PredictRecord<'a> {
+    manager: &'a VersionManager,
+    started: std::time::Instant,
+    /// The version the request reached; `None` counts it with empty labels.
+    served_by: Option<Arc<LoadedVersion>>,
+    code: i32,
+}
+
+impl Drop for PredictRecord<'_> {
+    fn drop(&mut self) {
+        let requests = match &self.served_by {
+            Some(lv) => &lv.requests,
+            None => self.manager.metrics().unresolved(),
+        };
+        requests.record(self.code, self.started.elapsed());
+    }
+}
+
 const TF_EXAMPLE_METHODS: &str = "Aspire serves TorchScript models through Predict only; \
     Classify, Regress and MultiInference take tf.Example inputs for TensorFlow's \
     classification and regression signatures, which TorchScript models do not have";
@@ -299,19 +319,18 @@ impl PredictionService for ServingApi {
         &self,
         req: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
-        let started = std::time::Instant::now();
+        let mut record = PredictRecord {
+            manager: &self.manager,
+            started: std::time::Instant::now(),
+            served_by: None,
+            code: tonic::Code::Cancelled as i32,
+        };
         let deadline = request_deadline(&req);
-        let mut served_by = None;
         let resp = self
-            .do_predict(req.into_inner(), deadline, &mut served_by)
+            .do_predict(req.into_inner(), deadline, &mut record.served_by)
             .await
             .map_err(Status::from);
-        let code = resp.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
-        let requests = match &served_by {
-            Some(lv) => &lv.requests,
-            None => self.manager.metrics().unresolved(),
-        };
-        requests.record(code, started.elapsed());
+        record.code = resp.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
         Ok(Response::new(resp?))
     }
 

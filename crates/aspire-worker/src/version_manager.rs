@@ -673,9 +673,7 @@ async fn load_version(
     let key = key.clone();
     tokio::task::spawn_blocking(move || {
         let model = TorchModel::load(&dir, config.device, &signatures, &config.warmup_batch_sizes)?;
-        let metrics = config
-            .metrics
-            .version(key.0.as_str(), &key.1.to_string());
+        let metrics = config.metrics.version(key.0.as_str(), &key.1.to_string());
         Ok(Arc::new(LoadedVersion::with_metrics(
             key.0,
             key.1,

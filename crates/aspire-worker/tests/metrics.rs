@@ -90,8 +90,9 @@ async fn publish(registry: &MemoryRegistry, model: &str, dir: &Path) {
 }
 
 fn settings(args: &[&str], local: std::net::SocketAddr) -> aspire_worker::app::WorkerSettings {
-    let cli = WorkerCli::try_parse_from(std::iter::once("aspire-worker").chain(args.iter().copied()))
-        .unwrap();
+    let cli =
+        WorkerCli::try_parse_from(std::iter::once("aspire-worker").chain(args.iter().copied()))
+            .unwrap();
     cli.settings(local).unwrap()
 }
 
@@ -207,7 +208,10 @@ async fn metrics_count_requests_batches_and_loads() {
     let mut client = PredictionServiceClient::new(channel);
     for _ in 0..3 {
         let answer = client.predict(request("m", &[1, 3])).await.unwrap();
-        assert_eq!(answer.into_inner().outputs["y"].float_val, vec![0.0, 2.0, 4.0]);
+        assert_eq!(
+            answer.into_inner().outputs["y"].float_val,
+            vec![0.0, 2.0, 4.0]
+        );
     }
     let bad = client.predict(request("m", &[1, 2])).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
@@ -238,7 +242,10 @@ async fn metrics_count_requests_batches_and_loads() {
         Some(1.0)
     );
     assert_eq!(
-        get("aspire_worker_requests_total", &requests("", "", "NotFound")),
+        get(
+            "aspire_worker_requests_total",
+            &requests("", "", "NotFound")
+        ),
         Some(1.0)
     );
     assert_eq!(
@@ -248,9 +255,18 @@ async fn metrics_count_requests_batches_and_loads() {
     // The bad request never reached the batcher: three batches of one row each.
     assert_eq!(get("aspire_worker_batch_rows_count", &m1), Some(3.0));
     assert_eq!(get("aspire_worker_batch_rows_sum", &m1), Some(3.0));
-    assert_eq!(get("aspire_worker_batch_padding_rows_total", &m1), Some(3.0));
-    assert_eq!(get("aspire_worker_queue_wait_seconds_count", &m1), Some(3.0));
-    assert_eq!(get("aspire_worker_forward_pass_seconds_count", &m1), Some(3.0));
+    assert_eq!(
+        get("aspire_worker_batch_padding_rows_total", &m1),
+        Some(3.0)
+    );
+    assert_eq!(
+        get("aspire_worker_queue_wait_seconds_count", &m1),
+        Some(3.0)
+    );
+    assert_eq!(
+        get("aspire_worker_forward_pass_seconds_count", &m1),
+        Some(3.0)
+    );
     assert_eq!(get("aspire_worker_queue_rows", &m1), Some(0.0));
     assert_eq!(
         get(
@@ -260,7 +276,10 @@ async fn metrics_count_requests_batches_and_loads() {
         Some(1.0)
     );
     assert_eq!(
-        get("aspire_worker_version_load_failures_total", &[("model", "m")]),
+        get(
+            "aspire_worker_version_load_failures_total",
+            &[("model", "m")]
+        ),
         None
     );
     assert_eq!(

@@ -41,6 +41,24 @@ async fn metrics_count_routes_codes_retries_and_live_workers() {
     assert_eq!(refused.code(), Code::InvalidArgument);
     let malformed = predict(&mut client, "m", Some(-1)).await.unwrap_err();
     assert_eq!(malformed.code(), Code::InvalidArgument);
+    // A client that gives up on a hanging worker: counted as cancelled once the router
+    // sees the stream reset.
+    b.state.set_mode(Mode::Hang);
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        predict(&mut client, "m", Some(1)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    eventually("the cancelled request counted", || async {
+        let text = scrape(metrics).await.unwrap();
+        let cancelled = [("model", "m"), ("version", "1"), ("code", "Canceled")];
+        match sample(&text, "aspire_router_requests_total", &cancelled) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 
     let text = scrape(metrics).await.unwrap();
     let get = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
@@ -68,9 +86,12 @@ async fn metrics_count_routes_codes_retries_and_live_workers() {
             "aspire_router_request_duration_seconds_count",
             &[("model", "m"), ("version", "1")]
         ),
-        Some(f64::from(ok + 1))
+        Some(f64::from(ok + 2))
     );
     assert_eq!(get("aspire_router_retries_total", &[]), Some(1.0));
-    assert_eq!(get("aspire_router_workers_marked_down_total", &[]), Some(1.0));
+    assert_eq!(
+        get("aspire_router_workers_marked_down_total", &[]),
+        Some(1.0)
+    );
     assert_eq!(get("aspire_router_live_workers", &[]), Some(1.0));
 }

@@ -197,8 +197,7 @@ mod tests {
     #[tokio::test]
     async fn serves_the_registry_on_metrics_only() {
         let registry = Registry::new();
-        let counter =
-            IntCounterVec::new(Opts::new("t_requests_total", "help"), &["code"]).unwrap();
+        let counter = IntCounterVec::new(Opts::new("t_requests_total", "help"), &["code"]).unwrap();
         registry.register(Box::new(counter.clone())).unwrap();
         counter.with_label_values(&["OK"]).inc_by(2);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

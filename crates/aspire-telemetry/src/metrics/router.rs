@@ -17,7 +17,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, PullingGauge, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, PullingGauge, Registry,
+};
 
 use super::{LATENCY_BUCKETS, RequestMetrics};
 
@@ -106,7 +108,13 @@ impl RouterMetrics {
     /// The handles of requests routed to `version` of `model`: a lookup after the
     /// route's first request, which makes them.
     pub fn route(&self, model: &str, version: i64) -> Arc<RequestMetrics> {
-        if let Some(found) = self.0.routes.load().get(model).and_then(|v| v.get(&version)) {
+        if let Some(found) = self
+            .0
+            .routes
+            .load()
+            .get(model)
+            .and_then(|v| v.get(&version))
+        {
             return Arc::clone(found);
         }
         let made = Arc::new(
@@ -190,14 +198,35 @@ mod tests {
         let t = text(&m);
         let get = |name: &str, labels: &[(&str, &str)]| sample(&t, name, labels);
         let req = |model, version, code| [("model", model), ("version", version), ("code", code)];
-        assert_eq!(get("aspire_router_requests_total", &req("m", "1", "OK")), Some(1.0));
-        assert_eq!(get("aspire_router_requests_total", &req("m", "1", "Unavailable")), Some(1.0));
-        assert_eq!(get("aspire_router_requests_total", &req("m", "2", "OK")), Some(1.0));
-        assert_eq!(get("aspire_router_requests_total", &req("", "", "NotFound")), Some(1.0));
+        assert_eq!(
+            get("aspire_router_requests_total", &req("m", "1", "OK")),
+            Some(1.0)
+        );
+        assert_eq!(
+            get(
+                "aspire_router_requests_total",
+                &req("m", "1", "Unavailable")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            get("aspire_router_requests_total", &req("m", "2", "OK")),
+            Some(1.0)
+        );
+        assert_eq!(
+            get("aspire_router_requests_total", &req("", "", "NotFound")),
+            Some(1.0)
+        );
         let m1 = [("model", "m"), ("version", "1")];
-        assert_eq!(get("aspire_router_request_duration_seconds_count", &m1), Some(2.0));
+        assert_eq!(
+            get("aspire_router_request_duration_seconds_count", &m1),
+            Some(2.0)
+        );
         assert_eq!(get("aspire_router_retries_total", &[]), Some(1.0));
-        assert_eq!(get("aspire_router_workers_marked_down_total", &[]), Some(1.0));
+        assert_eq!(
+            get("aspire_router_workers_marked_down_total", &[]),
+            Some(1.0)
+        );
         assert_eq!(get("aspire_router_live_workers", &[]), Some(1.0));
     }
 
