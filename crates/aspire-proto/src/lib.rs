@@ -6,6 +6,7 @@
 #![allow(missing_docs, clippy::doc_markdown, clippy::large_enum_variant)]
 
 pub mod convert;
+pub mod grpc_timeout;
 
 /// `tensorflow.*`: tensors, shapes, data types and signatures.
 pub mod tensorflow {

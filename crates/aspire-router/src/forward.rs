@@ -197,47 +197,16 @@ fn went_away(worker: &WorkerHandle, status: &Status) -> Status {
 
 /// The client's deadline, from its `grpc-timeout` header.
 fn client_deadline(metadata: &MetadataMap) -> Option<Instant> {
-    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
-    parse_grpc_timeout(raw).map(|d| Instant::now() + d)
-}
-
-/// Parses gRPC's `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
-    if raw.len() < 2 || raw.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = raw.split_at(raw.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    let raw = metadata
+        .get(aspire_proto::grpc_timeout::HEADER)?
+        .to_str()
+        .ok()?;
+    aspire_proto::grpc_timeout::parse(raw).map(|d| Instant::now() + d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
-        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        for bad in ["", "m", "10x", "123456789m", "-1S", "+1S", "1 S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn which_failures_mean_the_worker_went_away() {

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use aspire_core::{ModelName, SignatureMap, TensorSpec, Version};
 use aspire_proto::serving::model_service_server::ModelService;
@@ -253,26 +252,12 @@ fn metadata_version(
 
 /// The client's deadline from the `grpc-timeout` header.
 pub fn request_deadline<T>(req: &Request<T>) -> Option<Instant> {
-    let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    parse_grpc_timeout(raw).map(|d| Instant::now() + d)
-}
-
-/// Parses gRPC's `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
-pub fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
-    if raw.len() < 2 || raw.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = raw.split_at(raw.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    let raw = req
+        .metadata()
+        .get(aspire_proto::grpc_timeout::HEADER)?
+        .to_str()
+        .ok()?;
+    aspire_proto::grpc_timeout::parse(raw).map(|d| Instant::now() + d)
 }
 
 /// Counts one Predict when dropped: with its code, or as CANCELLED if the client went
@@ -368,21 +353,5 @@ impl ModelService for ServingApi {
                 .into(),
         )
         .into())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        for bad in ["", "m", "10x", "123456789m", "-1S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
     }
 }
