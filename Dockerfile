@@ -29,7 +29,6 @@ ARG CARGO_BUILD_JOBS=2
 
 # libprotobuf-dev: the well-known .proto files (descriptor.proto, ...) etcd-client's protos
 # import; --no-install-recommends would otherwise leave them out.
-
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential ca-certificates curl libprotobuf-dev pkg-config protobuf-compiler python3 python3-venv \
@@ -96,10 +95,14 @@ RUN set -eu; \
 
 FROM ${DEBIAN_IMAGE} AS runtime
 ARG TORCH_VARIANT=cpu
+# apt's lists and package caches go too (a debootstrapped base, unlike Docker Hub's, has no
+# docker-clean hook): about 80 MB.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
+ && groupadd --system --gid 10001 aspire \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin aspire
 COPY --from=build /out/lib/ /opt/libtorch/lib/
 COPY --from=build /out/bin/ /usr/local/bin/

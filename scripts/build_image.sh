@@ -88,6 +88,7 @@ fi
 # host's local CAs (Debian keeps them in /usr/local/share/ca-certificates).
 extra_ca=deploy/docker/extra-ca
 find "$extra_ca" -name '*.crt' -delete
+trap 'find "$extra_ca" -name "*.crt" -delete' EXIT
 for crt in "${EXTRA_CA_DIR:-/usr/local/share/ca-certificates}"/*.crt; do
     [ -e "$crt" ] && cp "$crt" "$extra_ca/"
 done

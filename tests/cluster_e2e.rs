@@ -155,7 +155,11 @@ impl Stack {
             "aspire-router",
             &[
                 &etcd_flags[..],
-                &["--host=127.0.0.1".into(), format!("--port={router_port}"), "--metrics-port=0".into()],
+                &[
+                    "--host=127.0.0.1".into(),
+                    format!("--port={router_port}"),
+                    "--metrics-port=0".into(),
+                ],
             ]
             .concat(),
         );
