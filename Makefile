@@ -36,6 +36,10 @@ test: setup ## Install what is missing, then run every test, clippy and rustfmt
 	$(CARGO) test --workspace
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+.PHONY: bench
+bench: setup ## Benchmark on loopback (direct/router, batching off/on, ceilings) into BENCHMARKS.md; BENCH_SECONDS=5 per run
+	@bash scripts/bench.sh
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -100,13 +100,14 @@ pub fn run_compute(config: &ComputeConfig) -> Result<Vec<ComputePoint>> {
     let mut points = Vec::with_capacity(config.batch_sizes.len());
     for &batch in &config.batch_sizes {
         let mut shape = config.shape.clone();
-        shape[0] = i64::try_from(batch).map_err(|_| {
-            Error::InvalidOption(format!("batch size {batch} is too large"))
-        })?;
-        let numel: usize = shape.iter().map(|d| usize::try_from(*d).unwrap_or(0)).product();
+        shape[0] = i64::try_from(batch)
+            .map_err(|_| Error::InvalidOption(format!("batch size {batch} is too large")))?;
+        let numel: usize = shape
+            .iter()
+            .map(|d| usize::try_from(*d).unwrap_or(0))
+            .product();
         let data = random_f32_bytes(numel, batch as u64);
-        let input =
-            Tensor::f_from_data_size(&data, &shape, Kind::Float).map_err(torch)?;
+        let input = Tensor::f_from_data_size(&data, &shape, Kind::Float).map_err(torch)?;
         let forward = || -> Result<()> {
             let _output = tch::no_grad(|| module.forward_ts(&[&input])).map_err(torch)?;
             Ok(())
@@ -130,7 +131,7 @@ pub fn run_compute(config: &ComputeConfig) -> Result<Vec<ComputePoint>> {
         }
         let elapsed = start.elapsed().as_secs_f64();
         points.push(ComputePoint {
-                tags: config.tags.clone(),
+            tags: config.tags.clone(),
             batch,
             calls,
             mean_us: histogram.mean() / 1e3,
@@ -175,9 +176,15 @@ mod tests {
             tags: BTreeMap::new(),
         };
         let points = run_compute(&config).unwrap();
-        assert_eq!(points.iter().map(|p| p.batch).collect::<Vec<_>>(), vec![1, 4]);
+        assert_eq!(
+            points.iter().map(|p| p.batch).collect::<Vec<_>>(),
+            vec![1, 4]
+        );
         for p in &points {
-            assert!(p.calls >= 3 && p.rows_per_s > 0.0 && p.mean_us > 0.0, "{p:?}");
+            assert!(
+                p.calls >= 3 && p.rows_per_s > 0.0 && p.mean_us > 0.0,
+                "{p:?}"
+            );
             assert_eq!(p.intra_op_threads, 1);
         }
     }

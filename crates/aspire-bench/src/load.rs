@@ -9,11 +9,14 @@
 //! default: 1 connection at concurrency 1–16, 2 at 32, 8 at 128).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::time::Instant as TokioInstant;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
@@ -110,6 +113,9 @@ pub struct LoadReport {
     pub requests: u64,
     /// Failed calls within the window, by gRPC code.
     pub errors: BTreeMap<String, u64>,
+    /// The warm-up's length, seconds (past the time asked for when a round of calls took longer).
+    #[serde(default)]
+    pub warmup_s: f64,
     /// The window's length, seconds.
     pub duration_s: f64,
     /// Answered calls per second.
@@ -124,6 +130,55 @@ pub struct LoadReport {
     pub worker: Option<WorkerView>,
     /// The outputs of the check call's answer: name and elements.
     pub outputs: Vec<(String, usize)>,
+}
+
+/// The longest the warm-up waits, past the time asked for, for every caller's first answer.
+pub const MAX_EXTRA_WARMUP: Duration = Duration::from_secs(60);
+
+/// The measured window, shared with the callers: nanoseconds from `start` to its opening
+/// and closing, 0 while not yet.
+struct Window {
+    start: Instant,
+    opened_ns: AtomicU64,
+    closed_ns: AtomicU64,
+    first_calls_done: AtomicUsize,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            opened_ns: AtomicU64::new(0),
+            closed_ns: AtomicU64::new(0),
+            first_calls_done: AtomicUsize::new(0),
+        }
+    }
+
+    fn offset(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.start).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn open(&self) -> Instant {
+        let now = Instant::now();
+        self.opened_ns.store(self.offset(now), Ordering::Relaxed);
+        now
+    }
+
+    fn close(&self) -> Instant {
+        let now = Instant::now();
+        self.closed_ns.store(self.offset(now), Ordering::Relaxed);
+        now
+    }
+
+    /// Whether a call answered at `done` counts.
+    fn contains(&self, done: Instant) -> bool {
+        let opened = self.opened_ns.load(Ordering::Relaxed);
+        let closed = self.closed_ns.load(Ordering::Relaxed);
+        let at = self.offset(done);
+        opened != 0 && at >= opened && (closed == 0 || at <= closed)
+    }
 }
 
 struct TaskResult {
@@ -208,7 +263,6 @@ fn scrape(url: &Option<String>, model: &str) -> Option<worker_metrics::Sample> {
 }
 
 struct Snapshot {
-    at: Instant,
     generator: Duration,
     watched: Vec<Option<Duration>>,
     metrics: Option<worker_metrics::Sample>,
@@ -216,7 +270,6 @@ struct Snapshot {
 
 fn snapshot(config: &LoadConfig) -> Snapshot {
     // CPU first, at the window's edge; the scrape after it takes a few ms.
-    let at = Instant::now();
     let generator = proc_stat::cpu_time(None).unwrap_or_default();
     let watched = config
         .watch
@@ -225,7 +278,6 @@ fn snapshot(config: &LoadConfig) -> Snapshot {
         .collect();
     let metrics = scrape(&config.worker_metrics_url, &config.request.model);
     Snapshot {
-        at,
         generator,
         watched,
         metrics,
@@ -262,31 +314,34 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
         message,
     })?;
 
-    let start = TokioInstant::now();
-    let window_start = start + config.warmup;
-    let window_end = window_start + config.duration;
+    let window = Arc::new(Window::new());
+    let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::with_capacity(config.concurrency);
     for i in 0..config.concurrency {
         let mut grpc = tonic::client::Grpc::new(channels[i / config.tasks_per_connection].clone());
         let body = body.clone();
         let timeout = config.timeout;
+        let window = Arc::clone(&window);
+        let mut stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let mut result = TaskResult {
                 histogram: new_histogram(),
                 errors: BTreeMap::new(),
             };
-            loop {
-                let sent = TokioInstant::now();
-                if sent >= window_end {
-                    break;
-                }
+            let mut first_call = true;
+            while !*stopped.borrow() {
+                let sent = Instant::now();
                 let outcome = tokio::select! {
                     outcome = call(&mut grpc, body.clone(), timeout) => outcome,
                     // A call still in flight when the window closes is not counted.
-                    () = tokio::time::sleep_until(window_end) => break,
+                    _ = stopped.changed() => break,
                 };
-                let done = TokioInstant::now();
-                if done < window_start {
+                let done = Instant::now();
+                if first_call {
+                    first_call = false;
+                    window.first_calls_done.fetch_add(1, Ordering::Relaxed);
+                }
+                if !window.contains(done) {
                     continue;
                 }
                 match outcome {
@@ -301,16 +356,29 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
         }));
     }
 
-    tokio::time::sleep_until(window_start).await;
+    // Warm-up: the time asked for, and until every caller has had an answer, so the
+    // server's queue has reached the depth this concurrency keeps it at (a slow model at
+    // high concurrency takes longer than the warm-up for one round).
+    tokio::time::sleep(config.warmup).await;
+    let give_up = Instant::now() + MAX_EXTRA_WARMUP;
+    while window.first_calls_done.load(Ordering::Relaxed) < config.concurrency
+        && Instant::now() < give_up
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let warmup_s = window.start.elapsed().as_secs_f64();
+    let opened = window.open();
     let config_copy = config.clone();
     let first = tokio::task::spawn_blocking(move || snapshot(&config_copy))
         .await
         .expect("the snapshot task does not panic");
-    tokio::time::sleep_until(window_end).await;
+    tokio::time::sleep_until(TokioInstant::from_std(opened + config.duration)).await;
+    let closed = window.close();
     let config_copy = config.clone();
     let last = tokio::task::spawn_blocking(move || snapshot(&config_copy))
         .await
         .expect("the snapshot task does not panic");
+    let _ = stop.send(true);
 
     let mut histogram = new_histogram();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -323,7 +391,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
             *errors.entry(code).or_default() += n;
         }
     }
-    let window = last.at - first.at;
+    let window = closed - opened;
     let requests = histogram.len();
     let us = |ns: u64| ns as f64 / 1e3;
     let latency = if requests == 0 {
@@ -360,6 +428,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
         request_bytes: body.len(),
         requests,
         errors,
+        warmup_s,
         duration_s: window.as_secs_f64(),
         throughput_rps: requests as f64 / window.as_secs_f64(),
         latency,
@@ -390,6 +459,9 @@ mod tests {
         let c = cpu_use(1, Duration::from_millis(500), 1000, Duration::from_secs(1));
         assert!((c.us_per_request - 500.0).abs() < 1e-9);
         assert!((c.cores - 0.5).abs() < 1e-9);
-        assert_eq!(cpu_use(1, Duration::ZERO, 0, Duration::ZERO).us_per_request, 0.0);
+        assert_eq!(
+            cpu_use(1, Duration::ZERO, 0, Duration::ZERO).us_per_request,
+            0.0
+        );
     }
 }

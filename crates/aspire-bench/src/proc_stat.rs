@@ -18,7 +18,8 @@ pub fn cpu_time(pid: Option<u32>) -> Result<Duration> {
         Some(pid) => format!("/proc/{pid}/stat"),
         None => "/proc/self/stat".to_string(),
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
     parse_cpu_ticks(&text)
         .map(|ticks| Duration::from_millis(ticks * 1000 / USER_HZ))
         .ok_or_else(|| Error::BadResult(format!("{path} has no utime/stime fields: {text:?}")))

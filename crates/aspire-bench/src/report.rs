@@ -131,7 +131,10 @@ impl Results {
             .map(|p| {
                 (
                     p.rows_per_s,
-                    format!("best forward pass at batch ≤ {concurrency} (batch {})", p.batch),
+                    format!(
+                        "best forward pass at batch ≤ {concurrency} (batch {})",
+                        p.batch
+                    ),
                 )
             })
     }
@@ -217,7 +220,10 @@ pub fn table(results: &Results) -> String {
                     ms(r.latency.p50_us),
                     ms(r.latency.p90_us),
                     ms(r.latency.p99_us),
-                    opt(r.worker.as_ref().and_then(|w| w.mean_batch_rows), |v| format!("{v:.1}")),
+                    opt(
+                        r.worker.as_ref().and_then(|w| w.mean_batch_rows),
+                        |v| format!("{v:.1}")
+                    ),
                     opt(cpu("router"), |v| format!("{v:.1}")),
                     opt(server_cpu, |v| format!("{v:.1}")),
                     r.generator_cpu.us_per_request,
@@ -246,13 +252,26 @@ pub fn table(results: &Results) -> String {
     out
 }
 
-/// One target or ratio: met, missed, or not measurable from these results.
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A target, met.
+    Met,
+    /// A target, missed.
+    Missed,
+    /// A ratio the issue asks for, with no target.
+    Reported,
+    /// The runs it needs are not in the results.
+    NotMeasured,
+}
+
+/// One target or ratio, with its numbers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
     /// What is checked.
     pub what: String,
-    /// `Some(true)` met, `Some(false)` missed, `None` reported only (no target) or not measured.
-    pub met: Option<bool>,
+    /// How it came out.
+    pub verdict: Verdict,
     /// The numbers.
     pub detail: String,
 }
@@ -261,7 +280,7 @@ impl Check {
     fn target(what: impl Into<String>, met: bool, detail: String) -> Self {
         Self {
             what: what.into(),
-            met: Some(met),
+            verdict: if met { Verdict::Met } else { Verdict::Missed },
             detail,
         }
     }
@@ -269,21 +288,26 @@ impl Check {
     fn info(what: impl Into<String>, detail: String) -> Self {
         Self {
             what: what.into(),
-            met: None,
+            verdict: Verdict::Reported,
             detail,
         }
     }
 
     fn missing(what: impl Into<String>) -> Self {
-        Self::info(what, "not measured in this run".to_string())
+        Self {
+            what: what.into(),
+            verdict: Verdict::NotMeasured,
+            detail: "the runs it needs are not in the results".to_string(),
+        }
     }
 
-    /// The check as a markdown list item: `- **met** what: detail`.
+    /// The check as a markdown list item: `- **met** — what: detail`.
     pub fn line(&self) -> String {
-        let verdict = match self.met {
-            Some(true) => "**met**",
-            Some(false) => "**missed**",
-            None => "reported",
+        let verdict = match self.verdict {
+            Verdict::Met => "**met**",
+            Verdict::Missed => "**missed**",
+            Verdict::Reported => "reported",
+            Verdict::NotMeasured => "not measured",
         };
         format!("- {verdict} — {}: {}", self.what, self.detail)
     }
@@ -298,7 +322,8 @@ pub fn checks(results: &Results) -> Vec<Check> {
     let mut checks = Vec::new();
 
     // MNIST c=32 with batching: ≥ 70 % of the transport ceiling and ≥ 13,000/s.
-    let what = "MNIST c=32, batching on, direct: ≥ 70% of the transport ceiling and ≥ 13,000 inferences/s";
+    let what =
+        "MNIST c=32, batching on, direct: ≥ 70% of the transport ceiling and ≥ 13,000 inferences/s";
     match (
         results.load(MNIST, "direct", "on", 32),
         results.load(MNIST, "transport", "-", 32),
@@ -455,6 +480,33 @@ pub fn checks(results: &Results) -> Vec<Check> {
         }
     }
 
+    // Where a request's time goes in the worker, against the forward pass alone.
+    for model in results.models() {
+        let what = format!("{model} c=32, batching on, direct: time in the worker (metrics)");
+        let Some(r) = results.load(&model, "direct", "on", 32) else {
+            continue;
+        };
+        let Some(w) = r.worker.as_ref() else {
+            continue;
+        };
+        let raw = w
+            .mean_batch_rows
+            .and_then(|m| results.compute(&model, (m.round() as usize).max(1)))
+            .map(|p| format!(" (the same batch in-process: {:.0} µs)", p.mean_us))
+            .unwrap_or_default();
+        checks.push(Check::info(
+            what,
+            format!(
+                "queue wait {} µs, forward pass {} µs for {} rows{raw}, whole call in the service {} µs; the client saw {:.0} µs",
+                opt(w.mean_queue_wait_us, |v| format!("{v:.0}")),
+                opt(w.mean_forward_pass_us, |v| format!("{v:.0}")),
+                opt(w.mean_batch_rows, |v| format!("{v:.1}")),
+                opt(w.mean_request_us, |v| format!("{v:.0}")),
+                r.latency.mean_us
+            ),
+        ));
+    }
+
     // Batch sizes the batcher formed.
     for model in results.models() {
         let formed: Vec<String> = results
@@ -526,6 +578,7 @@ mod tests {
             request_bytes: 3000,
             requests: (rps * 5.0) as u64,
             errors: BTreeMap::new(),
+            warmup_s: 1.0,
             duration_s: 5.0,
             throughput_rps: rps,
             latency: Latency {
@@ -570,6 +623,14 @@ mod tests {
                 cores: 0.28,
             },
         );
+        let mut mnist32 = load(MNIST, "direct", "on", 32, 15_000.0, 1900.0);
+        mnist32.worker = Some(WorkerView {
+            mean_batch_rows: Some(8.4),
+            mean_forward_pass_us: Some(650.0),
+            mean_queue_wait_us: Some(190.0),
+            mean_request_us: Some(1200.0),
+            ..WorkerView::default()
+        });
         let mut resnet8 = load(RESNET, "direct", "on", 8, 50.0, 150_000.0);
         resnet8.worker = Some(WorkerView {
             mean_batch_rows: Some(7.6),
@@ -579,7 +640,7 @@ mod tests {
             loads: vec![
                 load(MNIST, "transport", "-", 32, 20_000.0, 1500.0),
                 load(MNIST, "transport", "-", 1, 6000.0, 150.0),
-                load(MNIST, "direct", "on", 32, 15_000.0, 1900.0),
+                mnist32,
                 load(MNIST, "direct", "off", 32, 9_000.0, 3000.0),
                 load(MNIST, "direct", "on", 1, 4000.0, 250.0),
                 load(MNIST, "router", "on", 1, 3000.0, 420.0),
@@ -595,6 +656,7 @@ mod tests {
                 compute(RESNET, 16, 62.0),
                 compute(RESNET, 32, 44.0),
                 compute(MNIST, 1, 50_000.0),
+                compute(MNIST, 8, 300_000.0),
             ],
         }
     }
@@ -610,27 +672,42 @@ mod tests {
     fn targets_are_judged_on_the_numbers() {
         let checks = checks(&sample());
         let c32 = find(&checks, "MNIST c=32, batching on, direct");
-        assert_eq!(c32.met, Some(true), "{c32:?}");
+        assert_eq!(c32.verdict, Verdict::Met, "{c32:?}");
         assert!(c32.detail.contains("75%"), "{}", c32.detail);
-        assert_eq!(find(&checks, "p50 ≤ 0.3 ms").met, Some(true));
+        assert_eq!(find(&checks, "p50 ≤ 0.3 ms").verdict, Verdict::Met);
         let hop = find(&checks, "Router hop");
-        assert_eq!(hop.met, Some(false));
+        assert_eq!(hop.verdict, Verdict::Missed);
         assert!(hop.detail.starts_with("170 µs"), "{}", hop.detail);
-        assert_eq!(find(&checks, "Router CPU").met, Some(true));
+        assert_eq!(find(&checks, "Router CPU").verdict, Verdict::Met);
         // c=1: 30 of 32 (94%); c=8: the batcher formed 7.6 → batch 8: 50 of 60 (83%);
         // c=32: no worker metrics → the best batch ≤ 32 (16: 62/s): 40 of 62.
-        assert_eq!(find(&checks, "ResNet-18 c=1,").met, Some(true));
+        assert_eq!(find(&checks, "ResNet-18 c=1,").verdict, Verdict::Met);
         let c8 = find(&checks, "ResNet-18 c=8,");
-        assert_eq!(c8.met, Some(false));
+        assert_eq!(c8.verdict, Verdict::Missed);
         assert!(c8.detail.contains("batcher's mean of 7.6"), "{}", c8.detail);
         assert!(find(&checks, "ResNet-18 c=32,").detail.contains("batch 16"));
         let ratio = find(&checks, "ResNet-18: router/direct");
-        assert_eq!(ratio.met, Some(true));
+        assert_eq!(ratio.verdict, Verdict::Met);
         assert_eq!(ratio.detail, "c=8: 98%");
+        let time = find(
+            &checks,
+            "mnist c=32, batching on, direct: time in the worker",
+        );
+        assert_eq!(
+            time.detail,
+            "queue wait 190 µs, forward pass 650 µs for 8.4 rows (the same batch in-process: \
+             1000 µs), whole call in the service 1200 µs; the client saw 0 µs"
+        );
         let onoff = find(&checks, "MNIST c=32, direct: batching on vs off");
         assert!(onoff.detail.contains("×1.67"), "{}", onoff.detail);
-        assert_eq!(find(&checks, "MNIST c=32, router: batching").met, None);
-        assert!(find(&checks, "MNIST c=32, router: batching").detail.contains("not measured"));
+        assert_eq!(
+            find(&checks, "MNIST c=32, router: batching").verdict,
+            Verdict::NotMeasured
+        );
+        assert_eq!(
+            find(&checks, "MNIST c=32, direct: batching").verdict,
+            Verdict::Reported
+        );
     }
 
     #[test]
@@ -639,9 +716,17 @@ mod tests {
         let table = table(&results);
         let rows = table.lines().count() - 2;
         assert_eq!(rows, results.loads.len() + results.computes.len());
-        assert!(table.contains("| mnist | transport ceiling | - | 1 | 6000 | 0.150 |"), "{table}");
-        assert!(table.contains("| resnet18 | direct | on | 8 | 50.0 | 150.0 |"), "{table}");
-        assert!(table.contains("| resnet18 | compute ceiling (in-process) | batch 16 | – | 62.0 |"));
+        assert!(
+            table.contains("| mnist | transport ceiling | - | 1 | 6000 | 0.150 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| resnet18 | direct | on | 8 | 50.0 | 150.0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| resnet18 | compute ceiling (in-process) | batch 16 | – | 62.0 |")
+        );
         // Transport first, then direct off/on, router off/on, then compute.
         let first_direct = table.find("| mnist | direct |").unwrap();
         assert!(table.find("| mnist | transport").unwrap() < first_direct);

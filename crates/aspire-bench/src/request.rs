@@ -10,7 +10,6 @@ use aspire_proto::{DataType, TensorProto, TensorShapeProto};
 use bytes::Bytes;
 use prost::Message;
 
-
 /// Parses a shape such as `1,784` (every dimension at least 1).
 pub fn parse_shape(text: &str) -> Result<Vec<i64>, String> {
     let dims: Result<Vec<i64>, String> = text
@@ -34,7 +33,10 @@ pub fn parse_shape(text: &str) -> Result<Vec<i64>, String> {
 
 /// Elements in a tensor of `shape`.
 pub fn numel(shape: &[i64]) -> usize {
-    shape.iter().map(|d| usize::try_from(*d).unwrap_or(0)).product()
+    shape
+        .iter()
+        .map(|d| usize::try_from(*d).unwrap_or(0))
+        .product()
 }
 
 /// `n` pseudo-random float32 values in [0, 1) (xorshift64*, seeded), as little-endian bytes.

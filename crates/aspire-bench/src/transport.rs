@@ -150,7 +150,11 @@ mod tests {
         let l = &report.latency;
         assert!(l.min_us <= l.p50_us && l.p50_us <= l.p90_us && l.p90_us <= l.p99_us);
         assert!(l.p99_us <= l.max_us);
-        assert!((report.duration_s - 0.4).abs() < 0.1, "{}", report.duration_s);
+        assert!(
+            (report.duration_s - 0.4).abs() < 0.1,
+            "{}",
+            report.duration_s
+        );
         assert!(report.watched_cpu.contains_key("self"));
         assert_eq!(report.tags["path"], "transport");
         let _ = stop.send(());

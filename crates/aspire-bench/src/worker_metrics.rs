@@ -113,8 +113,9 @@ pub struct WorkerView {
     pub batches: f64,
     /// Mean rows per forward pass, padding excluded.
     pub mean_batch_rows: Option<f64>,
-    /// Forward passes by rows, `le` bucket bound to count in that bucket alone.
-    pub batch_rows_histogram: BTreeMap<String, f64>,
+    /// Forward passes by rows: (`le` bound of the bucket, passes in that bucket alone),
+    /// ascending, empty buckets left out.
+    pub batch_rows_histogram: Vec<(String, f64)>,
     /// Mean time of one forward pass (assembling inputs and running the model), µs.
     pub mean_forward_pass_us: Option<f64>,
     /// Mean wait of a request in the queue, µs.
@@ -128,7 +129,9 @@ pub struct WorkerView {
 impl WorkerView {
     /// The difference of two samples, `None` if the worker exports no batch metrics.
     pub fn between(before: &Sample, after: &Sample) -> Option<Self> {
-        let delta = |key: &str| after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0);
+        let delta = |key: &str| {
+            after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
+        };
         if !after.contains_key("aspire_worker_batch_rows_count") {
             return None;
         }
@@ -144,19 +147,23 @@ impl WorkerView {
                 let le = k
                     .strip_prefix("aspire_worker_batch_rows_bucket{le=\"")?
                     .strip_suffix("\"}")?;
-                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
                 Some((bound, le.to_string()))
             })
             .collect();
         bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut histogram = BTreeMap::new();
+        let mut histogram = Vec::new();
         let mut below = 0.0;
         for (_, le) in bounds {
             let cumulative = delta(&format!("aspire_worker_batch_rows_bucket{{le=\"{le}\"}}"));
             let here = cumulative - below;
             below = cumulative;
             if here > 0.0 {
-                histogram.insert(le, here);
+                histogram.push((le, here));
             }
         }
         let requests = delta("aspire_worker_request_duration_seconds_count");
@@ -196,6 +203,7 @@ mod tests {
 # TYPE aspire_worker_batch_rows histogram
 aspire_worker_batch_rows_bucket{model="mnist",version="1",le="1"} 10
 aspire_worker_batch_rows_bucket{model="mnist",version="1",le="2"} 10
+aspire_worker_batch_rows_bucket{model="mnist",version="1",le="16"} 10
 aspire_worker_batch_rows_bucket{model="mnist",version="1",le="+Inf"} 10
 aspire_worker_batch_rows_sum{model="mnist",version="1"} 10
 aspire_worker_batch_rows_count{model="mnist",version="1"} 10
@@ -204,9 +212,10 @@ aspire_worker_forward_pass_seconds_sum{model="mnist",version="1"} 0.001
 aspire_worker_forward_pass_seconds_count{model="mnist",version="1"} 10
 "#;
     const AFTER: &str = r#"aspire_worker_batch_rows_bucket{model="mnist",version="1",le="1"} 12
-aspire_worker_batch_rows_bucket{model="mnist",version="1",le="2"} 20
+aspire_worker_batch_rows_bucket{model="mnist",version="1",le="2"} 19
+aspire_worker_batch_rows_bucket{model="mnist",version="1",le="16"} 20
 aspire_worker_batch_rows_bucket{model="mnist",version="1",le="+Inf"} 20
-aspire_worker_batch_rows_sum{model="mnist",version="1"} 28
+aspire_worker_batch_rows_sum{model="mnist",version="1"} 38
 aspire_worker_batch_rows_count{model="mnist",version="1"} 20
 aspire_worker_forward_pass_seconds_sum{model="mnist",version="1"} 0.003
 aspire_worker_forward_pass_seconds_count{model="mnist",version="1"} 20
@@ -217,10 +226,15 @@ process_cpu_seconds_total 4
     fn the_window_gives_batch_sizes_and_times_of_one_model() {
         let view = WorkerView::between(&parse(BEFORE, "mnist"), &parse(AFTER, "mnist")).unwrap();
         assert_eq!(view.batches, 10.0);
-        assert_eq!(view.mean_batch_rows, Some(1.8));
+        assert_eq!(view.mean_batch_rows, Some(2.8));
+        // In order of the bounds, not of the strings ("16" < "2").
         assert_eq!(
             view.batch_rows_histogram,
-            BTreeMap::from([("1".to_string(), 2.0), ("2".to_string(), 8.0)])
+            vec![
+                ("1".to_string(), 2.0),
+                ("2".to_string(), 7.0),
+                ("16".to_string(), 1.0)
+            ]
         );
         let fp = view.mean_forward_pass_us.unwrap();
         assert!((fp - 200.0).abs() < 1e-6, "{fp}");
@@ -234,7 +248,10 @@ process_cpu_seconds_total 4
 
     #[test]
     fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
     }
 
     #[test]
