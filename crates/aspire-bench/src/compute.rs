@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::proc_stat;
 use crate::request::random_f32_bytes;
 
 /// What to measure.
@@ -58,6 +59,10 @@ pub struct ComputePoint {
     pub rows_per_s: f64,
     /// LibTorch intra-op threads used.
     pub intra_op_threads: usize,
+    /// Cores kept busy by everything else on the machine while this size was timed (all
+    /// CPU time less this process's); see [`crate::load::LoadReport::other_cores`].
+    #[serde(default)]
+    pub other_cores: f64,
 }
 
 /// Sets LibTorch's intra-op threads, and its inter-op threads once per process (LibTorch
@@ -120,6 +125,8 @@ pub fn run_compute(config: &ComputeConfig) -> Result<Vec<ComputePoint>> {
         }
         let mut histogram =
             Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds");
+        let machine_before = proc_stat::machine_busy().unwrap_or_default();
+        let own_before = proc_stat::cpu_time(None).unwrap_or_default();
         let start = Instant::now();
         let mut calls: u64 = 0;
         while calls < u64::from(config.min_calls) || start.elapsed() < config.duration {
@@ -130,6 +137,13 @@ pub fn run_compute(config: &ComputeConfig) -> Result<Vec<ComputePoint>> {
             calls += 1;
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let machine = proc_stat::machine_busy()
+            .unwrap_or_default()
+            .saturating_sub(machine_before);
+        let own = proc_stat::cpu_time(None)
+            .unwrap_or_default()
+            .saturating_sub(own_before);
+        let other_cores = (machine.saturating_sub(own).as_secs_f64() / elapsed.max(1e-9)).max(0.0);
         points.push(ComputePoint {
             tags: config.tags.clone(),
             batch,
@@ -139,6 +153,7 @@ pub fn run_compute(config: &ComputeConfig) -> Result<Vec<ComputePoint>> {
             p99_us: histogram.value_at_quantile(0.99) as f64 / 1e3,
             rows_per_s: (batch as u64 * calls) as f64 / elapsed,
             intra_op_threads: threads,
+            other_cores,
         });
     }
     Ok(points)

@@ -126,6 +126,12 @@ pub struct LoadReport {
     pub generator_cpu: CpuUse,
     /// The watched processes' CPU, by name.
     pub watched_cpu: BTreeMap<String, CpuUse>,
+    /// Cores kept busy over the window by everything else on the machine: all CPU time
+    /// (`/proc/stat`) less the generator's and the watched processes'. Other people's
+    /// compiles show up here; a quiet machine reads a few hundredths (etcd, discovery,
+    /// the kernel's own work).
+    #[serde(default)]
+    pub other_cores: f64,
     /// What the worker measured over the window, when its metrics were scraped.
     pub worker: Option<WorkerView>,
     /// The outputs of the check call's answer: name and elements.
@@ -263,6 +269,7 @@ fn scrape(url: &Option<String>, model: &str) -> Option<worker_metrics::Sample> {
 }
 
 struct Snapshot {
+    machine: Duration,
     generator: Duration,
     watched: Vec<Option<Duration>>,
     metrics: Option<worker_metrics::Sample>,
@@ -270,6 +277,7 @@ struct Snapshot {
 
 fn snapshot(config: &LoadConfig) -> Snapshot {
     // CPU first, at the window's edge; the scrape after it takes a few ms.
+    let machine = proc_stat::machine_busy().unwrap_or_default();
     let generator = proc_stat::cpu_time(None).unwrap_or_default();
     let watched = config
         .watch
@@ -278,6 +286,7 @@ fn snapshot(config: &LoadConfig) -> Snapshot {
         .collect();
     let metrics = scrape(&config.worker_metrics_url, &config.request.model);
     Snapshot {
+        machine,
         generator,
         watched,
         metrics,
@@ -407,7 +416,7 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
             max_us: us(histogram.max()),
         }
     };
-    let watched_cpu = config
+    let watched_cpu: BTreeMap<String, CpuUse> = config
         .watch
         .iter()
         .zip(first.watched.iter().zip(&last.watched))
@@ -416,6 +425,15 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
             Some((w.name.clone(), cpu_use(w.pid, used, requests, window)))
         })
         .collect();
+    let generator_cpu = cpu_use(
+        std::process::id(),
+        last.generator.saturating_sub(first.generator),
+        requests,
+        window,
+    );
+    let known: f64 = generator_cpu.cpu_s + watched_cpu.values().map(|u| u.cpu_s).sum::<f64>();
+    let all = last.machine.saturating_sub(first.machine).as_secs_f64();
+    let other_cores = ((all - known) / window.as_secs_f64().max(1e-9)).max(0.0);
     let worker = match (&first.metrics, &last.metrics) {
         (Some(a), Some(b)) => WorkerView::between(a, b),
         _ => None,
@@ -432,13 +450,9 @@ pub async fn run_load(config: &LoadConfig) -> Result<LoadReport> {
         duration_s: window.as_secs_f64(),
         throughput_rps: requests as f64 / window.as_secs_f64(),
         latency,
-        generator_cpu: cpu_use(
-            std::process::id(),
-            last.generator.saturating_sub(first.generator),
-            requests,
-            window,
-        ),
+        generator_cpu,
         watched_cpu,
+        other_cores,
         worker,
         outputs,
     })

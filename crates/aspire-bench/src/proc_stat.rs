@@ -25,6 +25,30 @@ pub fn cpu_time(pid: Option<u32>) -> Result<Duration> {
         .ok_or_else(|| Error::BadResult(format!("{path} has no utime/stime fields: {text:?}")))
 }
 
+/// CPU time every process on the machine has used so far, all CPUs together (`/proc/stat`:
+/// user, nice, system, irq, softirq and steal; not idle or iowait). Over a window, minus
+/// the CPU of the processes a run knows about, it shows how much else was running.
+pub fn machine_busy() -> Result<Duration> {
+    let text =
+        std::fs::read_to_string("/proc/stat").map_err(|e| Error::io("reading /proc/stat", e))?;
+    parse_machine_busy_ticks(&text)
+        .map(|ticks| Duration::from_millis(ticks * 1000 / USER_HZ))
+        .ok_or_else(|| Error::BadResult("/proc/stat has no cpu line".to_string()))
+}
+
+/// The busy ticks of `/proc/stat`'s first (`cpu`) line.
+pub fn parse_machine_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+    Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
 /// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name
 /// (field 2) is in parentheses and may hold spaces and parentheses, so fields are counted
 /// from the last `)`.
@@ -47,6 +71,14 @@ mod tests {
                     250 75 0 0 20 0 9 0 12345 1000000 500 18446744073709551615";
         assert_eq!(parse_cpu_ticks(line), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn machine_busy_counts_all_but_idle_and_iowait() {
+        let stat = "cpu  100 5 50 1000 20 3 2 7 0 0\ncpu0 50 2 25 500 10 1 1 3 0 0\n";
+        assert_eq!(parse_machine_busy_ticks(stat), Some(167));
+        assert_eq!(parse_machine_busy_ticks("intr 1 2 3"), None);
+        assert!(machine_busy().unwrap() > Duration::ZERO);
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub const MNIST: &str = "mnist";
 /// The larger model.
 pub const RESNET: &str = "resnet18";
 
+/// Other load, in cores, from which a run counts as disturbed.
+pub const NOISY_CORES: f64 = 0.25;
+
 /// One line of a results file: a JSON object whose `kind` says which.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -197,8 +200,8 @@ const PATHS: [(&str, &str); 5] = [
 pub fn table(results: &Results) -> String {
     let mut out = String::new();
     out.push_str(
-        "| model | path | batching | c | req/s | p50 ms | p90 ms | p99 ms | mean batch | router CPU µs/req | server CPU µs/req | client CPU µs/req | errors |\n\
-         | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| model | path | batching | c | req/s | p50 ms | p90 ms | p99 ms | mean batch | router CPU µs/req | server CPU µs/req | client CPU µs/req | errors | other load (cores) |\n\
+         | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for model in results.models() {
         for (path, batching) in PATHS {
@@ -215,7 +218,7 @@ pub fn table(results: &Results) -> String {
                 let errors: u64 = r.errors.values().sum();
                 let _ = writeln!(
                     out,
-                    "| {model} | {path_label} | {batching} | {c} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {errors} |",
+                    "| {model} | {path_label} | {batching} | {c} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {errors} | {:.2} |",
                     rate(r.throughput_rps),
                     ms(r.latency.p50_us),
                     ms(r.latency.p90_us),
@@ -227,6 +230,7 @@ pub fn table(results: &Results) -> String {
                     opt(cpu("router"), |v| format!("{v:.1}")),
                     opt(server_cpu, |v| format!("{v:.1}")),
                     r.generator_cpu.us_per_request,
+                    r.other_cores,
                 );
             }
         }
@@ -240,12 +244,13 @@ pub fn table(results: &Results) -> String {
         for p in points {
             let _ = writeln!(
                 out,
-                "| {model} | compute ceiling (in-process) | batch {} | – | {} | {} | – | {} | {} | – | – | – | – |",
+                "| {model} | compute ceiling (in-process) | batch {} | – | {} | {} | – | {} | {} | – | – | – | – | {:.2} |",
                 p.batch,
                 rate(p.rows_per_s),
                 ms(p.p50_us),
                 ms(p.p99_us),
                 p.batch,
+                p.other_cores,
             );
         }
     }
@@ -320,6 +325,29 @@ fn pct(a: f64, b: f64) -> f64 {
 /// The issue's targets and ratios, each with its numbers.
 pub fn checks(results: &Results) -> Vec<Check> {
     let mut checks = Vec::new();
+
+    // Whether something else ran on the machine during the runs.
+    let others: Vec<f64> = results
+        .loads
+        .iter()
+        .map(|r| r.other_cores)
+        .chain(results.computes.iter().map(|p| p.other_cores))
+        .collect();
+    if !others.is_empty() {
+        let busy = others.iter().filter(|o| **o >= NOISY_CORES).count();
+        let max = others.iter().copied().fold(0.0, f64::max);
+        checks.push(Check::info(
+            "Other load on the machine during the runs",
+            if busy == 0 {
+                format!("none worth counting (at most {max:.2} cores besides the benchmark's processes)")
+            } else {
+                format!(
+                    "{busy} of {} runs had ≥ {NOISY_CORES} cores busy with other work (at most {max:.2}); their rows are less reliable",
+                    others.len()
+                )
+            },
+        ));
+    }
 
     // MNIST c=32 with batching: ≥ 70 % of the transport ceiling and ≥ 13,000/s.
     let what =
@@ -594,6 +622,7 @@ mod tests {
                 cores: 0.2,
             },
             watched_cpu: BTreeMap::new(),
+            other_cores: 0.0,
             worker: None,
             outputs: vec![("scores".into(), 10)],
         }
@@ -609,6 +638,7 @@ mod tests {
             p99_us: 1200.0,
             rows_per_s,
             intra_op_threads: 2,
+            other_cores: 0.0,
         }
     }
 
@@ -708,6 +738,19 @@ mod tests {
             find(&checks, "MNIST c=32, direct: batching").verdict,
             Verdict::Reported
         );
+    }
+
+    #[test]
+    fn disturbed_runs_are_counted() {
+        let mut results = sample();
+        assert!(
+            find(&checks(&results), "Other load")
+                .detail
+                .starts_with("none")
+        );
+        results.computes[0].other_cores = 0.9;
+        let noise = find(&checks(&results), "Other load").detail.clone();
+        assert!(noise.starts_with("1 of 17 runs"), "{noise}");
     }
 
     #[test]
