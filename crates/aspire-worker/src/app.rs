@@ -10,6 +10,7 @@ use aspire_registry::Registry;
 use aspire_telemetry::metrics::{MetricsPort, MetricsServer, WorkerMetrics};
 use tokio::net::TcpListener;
 
+use crate::batcher::BatchPool;
 use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, warmup_batch_sizes};
 use crate::model;
 use crate::server::serve;
@@ -97,11 +98,13 @@ pub async fn run_worker_with_metrics(
         .batching
         .resolve()
         .map_err(WorkerStartError::Config)?;
-    let intra =
-        (settings.runtime.intra_op_threads > 0).then_some(settings.runtime.intra_op_threads);
+    let intra = settings
+        .runtime
+        .intra_op_threads_for(batching.num_batch_threads);
     let inter =
         (settings.runtime.inter_op_threads > 0).then_some(settings.runtime.inter_op_threads);
-    model::configure_threads(intra, inter);
+    model::configure_threads(Some(intra), inter);
+    let batch_pool = Arc::new(BatchPool::new(batching.num_batch_threads));
     let device_name =
         model::resolve_device(settings.runtime.device).map_err(WorkerStartError::Config)?;
     let local = listener
@@ -116,7 +119,8 @@ pub async fn run_worker_with_metrics(
     });
     tracing::info!(
         address = %local, advertise = %settings.advertise_address, worker_id = %settings.worker_id,
-        device = %device_name, batching = ?batching, "worker starting"
+        device = %device_name, batching = ?batching, batch_threads = batching.num_batch_threads,
+        intra_op_threads = intra, "worker starting"
     );
     let config = ManagerConfig {
         worker_id: settings.worker_id.clone(),
@@ -129,6 +133,7 @@ pub async fn run_worker_with_metrics(
         load_retry_max: Duration::from_secs(60),
         unload_grace: UNLOAD_GRACE,
         metrics: metrics.clone(),
+        batch_pool: Some(batch_pool),
     };
     let (manager, manager_task) = VersionManager::start(config, device_name, registry);
     let api = ServingApi::new(manager.clone(), settings.serving.output_encoding.into());

@@ -1,5 +1,6 @@
-//! The batcher of one loaded model version: a bounded queue of requests and the dedicated
-//! OS threads that merge compatible requests into batches and run the forward passes.
+//! The batcher of one loaded model version: a bounded queue of requests, served by a
+//! pool of dedicated OS threads (shared by every version of a worker, or the version's
+//! own) that merge compatible requests into batches and run the forward passes.
 //!
 //! It owns TensorFlow Serving's batching semantics for a version: sizes count rows
 //! (dimension 0); a batch thread takes the oldest request plus the queued requests that
@@ -10,13 +11,14 @@
 //! `allowed_batch_sizes`) once per batch; outputs go back to callers as zero-copy slices.
 //!
 //! - `queue`: the queue, its capacity and the rule that gathers a batch;
-//! - `run`: the batch threads and one forward pass.
+//! - `pool`: the batch threads and how they pick among queues;
+//! - `run`: one forward pass.
 
+mod pool;
 mod queue;
 mod run;
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aspire_core::Signature;
@@ -25,6 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::model::Servable;
 use crate::tensor::HostTensor;
+pub use pool::BatchPool;
 use queue::{Item, Shared};
 
 /// How a version's requests are batched (TF Serving's BatchingParameters).
@@ -39,7 +42,8 @@ pub struct BatchConfig {
     pub batch_timeout: Duration,
     /// Queue capacity, in batches of `max_batch_size` rows.
     pub max_enqueued_batches: usize,
-    /// Threads running forward passes for this version.
+    /// Batch threads: of the worker's shared pool, or of a batcher made with
+    /// [`Batcher::new`], its own.
     pub num_batch_threads: usize,
     /// When non-empty, batches are padded to the next of these sizes (ascending; the
     /// last equals `max_batch_size`).
@@ -95,42 +99,41 @@ pub struct BatchStats {
     pub abandoned: u64,
 }
 
-/// The queue and batch threads of one model version.
+/// The queue of one model version, and the pool that serves it.
 pub struct Batcher {
     shared: Arc<Shared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The batcher's own pool, when it was not given a shared one.
+    own_pool: Option<BatchPool>,
 }
 
 impl Batcher {
-    /// Starts `config.num_batch_threads` threads running `model`. Counts of zero in
-    /// `config` are taken as 1. Panics only if the OS cannot start a thread.
+    /// A batcher with its own pool of `config.num_batch_threads` threads running `model`.
+    /// Counts of zero in `config` are taken as 1. Panics only if the OS cannot start a
+    /// thread.
     pub fn new(model: Arc<dyn Servable>, config: BatchConfig) -> Self {
-        Self::with_metrics(model, config, BatchMetrics::detached())
+        Self::with_metrics(model, config, BatchMetrics::detached(), None)
     }
 
-    /// [`Self::new`], recording queue depth, waits and batches in `metrics`.
+    /// A batcher recording queue depth, waits and batches in `metrics`, served by `pool`
+    /// (shared with other batchers) or, without one, by a pool of its own.
     pub fn with_metrics(
         model: Arc<dyn Servable>,
         mut config: BatchConfig,
         metrics: BatchMetrics,
+        pool: Option<&BatchPool>,
     ) -> Self {
         config.max_batch_size = config.max_batch_size.max(1);
         config.max_enqueued_batches = config.max_enqueued_batches.max(1);
         config.num_batch_threads = config.num_batch_threads.max(1);
-        let shared = Arc::new(Shared::new(config, metrics));
-        let threads = (0..shared.config.num_batch_threads)
-            .map(|i| {
-                let (shared, model) = (Arc::clone(&shared), Arc::clone(&model));
-                thread::Builder::new()
-                    .name(format!("aspire-batch-{i}"))
-                    .spawn(move || run::batch_thread(shared, model))
-                    .expect("the OS refused to start a batch thread")
-            })
-            .collect();
-        Self {
-            shared,
-            threads: Mutex::new(threads),
-        }
+        let mut own_pool = None;
+        let pool = match pool {
+            Some(pool) => pool,
+            None => own_pool.insert(BatchPool::new(config.num_batch_threads)),
+        };
+        let signal = Arc::clone(pool.signal());
+        let shared = Arc::new(Shared::new(config, metrics, Arc::clone(&signal)));
+        signal.join(Arc::clone(&shared), model);
+        Self { shared, own_pool }
     }
 
     /// Queues one request (inputs in the signature's order, each with the same rows) and
@@ -200,28 +203,28 @@ impl Batcher {
         self.shared.stats.snapshot()
     }
 
-    /// Stops taking requests, lets the queued ones finish, and joins the threads. Blocks
-    /// for as long as that takes (call it from `spawn_blocking` in async code); a second
-    /// call, even a concurrent one, returns once the threads are gone.
+    /// Stops taking requests, lets the queued ones finish, and waits until the pool has
+    /// let go of this queue and its model (and, for a batcher with its own pool, until
+    /// its threads are gone). Blocks for as long as that takes (call it from
+    /// `spawn_blocking` in async code); a second call, even a concurrent one, returns once
+    /// that is done. Called from a batch thread (a model unloading its own version), it
+    /// only closes the queue: waiting there would wait for itself.
     pub fn shutdown(&self) {
         self.shared.close(false);
-        // Holding the lock while joining makes concurrent callers wait for the join too.
-        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
-        let me = thread::current().id();
-        for handle in threads.drain(..) {
-            // A model that unloads its own version from a batch thread must not deadlock.
-            if handle.thread().id() != me {
-                // The thread catches panics itself; an error here has nothing to report.
-                let _ = handle.join();
-            }
+        if pool::on_pool_thread() {
+            return;
+        }
+        self.shared.wait_detached();
+        if let Some(pool) = &self.own_pool {
+            pool.stop_and_join();
         }
     }
 }
 
 impl Drop for Batcher {
     /// Answers whatever is queued with `ShuttingDown` (no caller can still be waiting:
-    /// `submit` borrows the batcher) and lets the threads exit after their current batch,
-    /// without waiting for them.
+    /// `submit` borrows the batcher) and lets the pool drop the queue (and its own
+    /// threads exit) after the batch in hand, without waiting.
     fn drop(&mut self) {
         for item in self.shared.close(true) {
             let _ = item.reply.send(Err(BatchError::ShuttingDown));
@@ -281,7 +284,7 @@ fn check_inputs(signature: &Signature, inputs: &[HostTensor]) -> Result<usize, S
 mod tests {
     use std::future::Future;
     use std::pin::Pin;
-    use std::sync::mpsc;
+    use std::sync::{Mutex, mpsc};
 
     use aspire_core::{DType, TensorSpec};
     use futures::FutureExt;
@@ -905,5 +908,99 @@ mod tests {
         assert_eq!(fake.batch_sizes().iter().sum::<usize>(), rows);
         assert!(fake.batch_sizes().iter().all(|&n| n <= 8));
         assert_eq!(b.stats().rows, rows as u64);
+    }
+
+    /// Records which threads ran it.
+    #[derive(Default)]
+    struct ThreadSpy {
+        inner: Fake,
+        threads: Mutex<std::collections::HashSet<std::thread::ThreadId>>,
+    }
+
+    impl Servable for ThreadSpy {
+        fn run(
+            &self,
+            signature: &Signature,
+            inputs: &[HostTensor],
+        ) -> Result<Vec<HostTensor>, String> {
+            self.threads
+                .lock()
+                .unwrap()
+                .insert(std::thread::current().id());
+            self.inner.run(signature, inputs)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn versions_share_the_pool_threads_and_leave_it_one_by_one() {
+        let pool = BatchPool::new(2);
+        let (a, b) = (
+            Arc::new(ThreadSpy::default()),
+            Arc::new(ThreadSpy::default()),
+        );
+        let roomy = || BatchConfig {
+            max_enqueued_batches: 100,
+            ..config(4)
+        };
+        let join = |model: Arc<ThreadSpy>| {
+            Arc::new(Batcher::with_metrics(
+                model,
+                roomy(),
+                BatchMetrics::detached(),
+                Some(&pool),
+            ))
+        };
+        let (first, second) = (join(a.clone()), join(b.clone()));
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let batcher = if i % 2 == 0 {
+                    first.clone()
+                } else {
+                    second.clone()
+                };
+                tokio::spawn(async move {
+                    let input = tensor(1, 2, i as f32);
+                    let got = batcher
+                        .submit(sig(), vec![input.clone()], None)
+                        .await
+                        .unwrap();
+                    let want = Fake::default().run(&sig(), &[input]).unwrap();
+                    assert_eq!(got, want, "request {i}");
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(GUARD, task).await.unwrap().unwrap();
+        }
+        let mut threads = a.threads.lock().unwrap().clone();
+        threads.extend(b.threads.lock().unwrap().iter().copied());
+        assert!(
+            (1..=2).contains(&threads.len()),
+            "two versions on a pool of 2 ran on {} threads",
+            threads.len()
+        );
+        // The first version leaves; the pool drops its model and keeps serving the other.
+        tokio::task::spawn_blocking({
+            let first = first.clone();
+            move || first.shutdown()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            Arc::strong_count(&a),
+            1,
+            "the pool still holds the first model"
+        );
+        assert_eq!(
+            first.submit(sig(), vec![tensor(1, 2, 0.0)], None).await,
+            Err(BatchError::ShuttingDown)
+        );
+        assert!(
+            second
+                .submit(sig(), vec![tensor(1, 2, 0.0)], None)
+                .await
+                .is_ok()
+        );
+        assert_eq!(pool.threads(), 2);
     }
 }

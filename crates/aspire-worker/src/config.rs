@@ -49,7 +49,8 @@ pub struct BatchingArgs {
         env = "ASPIRE_MAX_ENQUEUED_BATCHES"
     )]
     pub max_enqueued_batches: Option<usize>,
-    /// Threads running forward passes per version [default: the CPUs this process may use].
+    /// Threads running forward passes, shared by every model version of the worker, as in
+    /// TensorFlow Serving [default: the CPUs this process may use].
     #[arg(
         long = "num-batch-threads",
         visible_alias = "num_batch_threads",
@@ -183,7 +184,9 @@ pub struct RuntimeArgs {
     /// Where models run: auto (CUDA when LibTorch sees a GPU), cpu, cuda or cuda:N.
     #[arg(long, env = "ASPIRE_DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
-    /// LibTorch intra-op threads; 0 sizes them to the CPUs this process may use.
+    /// LibTorch intra-op threads per batch thread; 0 shares the CPUs this process may use
+    /// among the batch threads (CPUs / --num-batch-threads, at least 1), so that the
+    /// forward passes running at once never ask for more threads than there are CPUs.
     #[arg(
         long = "tensorflow_intra_op_parallelism",
         visible_alias = "tensorflow-intra-op-parallelism",
@@ -199,6 +202,18 @@ pub struct RuntimeArgs {
         default_value_t = 0
     )]
     pub inter_op_threads: usize,
+}
+
+impl RuntimeArgs {
+    /// LibTorch intra-op threads for a pool of `batch_threads` batch threads: the flag
+    /// when given, else the CPUs shared among the batch threads (at least 1 each).
+    pub fn intra_op_threads_for(&self, batch_threads: usize) -> usize {
+        if self.intra_op_threads > 0 {
+            self.intra_op_threads
+        } else {
+            (available_cpus() / batch_threads.max(1)).max(1)
+        }
+    }
 }
 
 /// How Predict answers encode outputs.

@@ -27,7 +27,7 @@ use aspire_telemetry::metrics::{RequestMetrics, VersionMetrics, WorkerMetrics};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::batcher::{BatchConfig, Batcher};
+use crate::batcher::{BatchConfig, BatchPool, Batcher};
 use crate::error::WorkerError;
 use crate::model::{DeviceSpec, Servable, TorchModel};
 
@@ -56,6 +56,9 @@ pub struct ManagerConfig {
     pub unload_grace: Duration,
     /// Where loads, versions and their requests are measured.
     pub metrics: WorkerMetrics,
+    /// The batch threads every version's batches run on; `None` gives each version
+    /// `batching.num_batch_threads` threads of its own.
+    pub batch_pool: Option<Arc<BatchPool>>,
 }
 
 /// A version loaded into LibTorch with its batcher.
@@ -83,10 +86,13 @@ impl LoadedVersion {
         batching: BatchConfig,
     ) -> Self {
         let metrics = VersionMetrics::detached();
-        Self::with_metrics(model, version, signatures, servable, batching, metrics)
+        Self::with_metrics(
+            model, version, signatures, servable, batching, metrics, None,
+        )
     }
 
-    /// [`Self::new`], measured with `metrics`.
+    /// [`Self::new`], measured with `metrics`, its batches run by `pool` (shared with the
+    /// other versions) or, without one, by threads of its own.
     pub fn with_metrics(
         model: ModelName,
         version: Version,
@@ -94,6 +100,7 @@ impl LoadedVersion {
         servable: Arc<dyn Servable>,
         batching: BatchConfig,
         metrics: VersionMetrics,
+        pool: Option<&BatchPool>,
     ) -> Self {
         let by_name = signatures
             .signatures
@@ -105,7 +112,7 @@ impl LoadedVersion {
             version,
             signatures,
             by_name,
-            batcher: Batcher::with_metrics(servable, batching, metrics.batch),
+            batcher: Batcher::with_metrics(servable, batching, metrics.batch, pool),
             requests: metrics.requests,
         }
     }
@@ -355,7 +362,8 @@ impl Actor {
                 Some(ev) = events.recv() => self.on_event(ev),
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = stop.wait_for(|s| *s) => break,
-                _ = draining.wait_for(|d| *d), if !self.manager.deregistered_flag() => {}
+                // Once: a failed deregistration is retried on the tick, not in a loop.
+                Ok(()) = draining.changed() => {}
             }
         }
         self.drain(events).await;
@@ -681,6 +689,7 @@ async fn load_version(
             model,
             config.batching.clone(),
             metrics,
+            config.batch_pool.as_deref(),
         )))
     })
     .await

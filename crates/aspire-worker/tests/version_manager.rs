@@ -213,6 +213,7 @@ impl Worker {
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
             unload_grace,
+            batch_pool: None,
             metrics: Default::default(),
         };
         let (manager, handle) =

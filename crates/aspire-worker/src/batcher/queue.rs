@@ -1,15 +1,16 @@
-//! The bounded queue shared by a version's callers and batch threads, and the rule that
-//! picks which queued requests form the next batch.
+//! The bounded queue shared by a version's callers and the batch threads, and the rule
+//! that picks which queued requests form the next batch.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aspire_core::Signature;
 use aspire_telemetry::metrics::BatchMetrics;
 use tokio::sync::oneshot;
 
+use super::pool::Signal;
 use super::{BatchConfig, BatchError, BatchStats};
 use crate::tensor::HostTensor;
 
@@ -101,8 +102,12 @@ struct State {
     queue: VecDeque<Item>,
     /// Rows of every item in `queue`.
     rows: usize,
-    /// No new items; batch threads drain the queue and exit.
+    /// No new items; the batch threads drain the queue, then the pool lets it go.
     closed: bool,
+    /// Batches taken from this queue and not yet answered.
+    running: usize,
+    /// The pool has let go of this queue (and of its model).
+    detached: bool,
     /// Where `rows` is published (under the lock, so the gauge never goes back in time).
     metrics: BatchMetrics,
 }
@@ -117,8 +122,21 @@ pub(super) struct Shared {
     /// Waits and batches; the queue depth is published through `state`.
     pub metrics: BatchMetrics,
     state: Mutex<State>,
-    /// Signalled when an item arrives, when a thread leaves work behind, and on close.
-    wake: Condvar,
+    /// The pool this queue belongs to, told of every arrival and of the close.
+    signal: Arc<Signal>,
+    /// Signalled when the pool lets go of this queue.
+    detached: Condvar,
+}
+
+/// What a batch thread found in a queue.
+pub(super) enum Take {
+    /// A batch is in the scratch's `batch`; `more` when the queue still holds items.
+    Batch { more: bool },
+    /// Nothing due; look again at this time (a batch timeout or a deadline), or when
+    /// signalled (`None`).
+    Wait(Option<Instant>),
+    /// Closed, empty and idle: the pool may let it go.
+    Finished,
 }
 
 /// The batch the oldest item would start if it ran now.
@@ -131,7 +149,7 @@ struct Plan {
 }
 
 impl Shared {
-    pub fn new(config: BatchConfig, metrics: BatchMetrics) -> Self {
+    pub fn new(config: BatchConfig, metrics: BatchMetrics, signal: Arc<Signal>) -> Self {
         let capacity = config
             .max_enqueued_batches
             .saturating_mul(config.max_batch_size);
@@ -140,10 +158,13 @@ impl Shared {
                 queue: VecDeque::with_capacity(capacity.min(1024)),
                 rows: 0,
                 closed: false,
+                running: 0,
+                detached: false,
                 metrics: metrics.clone(),
             }),
             metrics,
-            wake: Condvar::new(),
+            signal,
+            detached: Condvar::new(),
             stats: Counters::default(),
             capacity,
             config,
@@ -172,7 +193,7 @@ impl Shared {
         state.metrics.set_queue_rows(state.rows);
         state.queue.push_back(item);
         drop(state);
-        self.wake.notify_one();
+        self.signal.notify(false);
         Ok(())
     }
 
@@ -193,66 +214,85 @@ impl Shared {
             Vec::new()
         };
         drop(state);
-        self.wake.notify_all();
+        self.signal.notify(true);
         discarded
     }
 
-    /// Blocks until a batch is due and moves it into `s.batch` (dead items met on the way
-    /// go to `s.expired` and `s.abandoned`). Returns false once the queue is closed and
-    /// empty: the thread should exit after handling `s`.
-    pub fn next_batch(&self, s: &mut Scratch) -> bool {
+    /// Moves the batch that is due, if one is, into `s.batch`. Dead items met on the way
+    /// are answered (expired) or dropped (abandoned) here. Never blocks on anything but
+    /// this queue's lock.
+    pub fn try_take(&self, s: &mut Scratch, now: Instant) -> Take {
         let mut state = self.lock();
-        loop {
-            let now = Instant::now();
-            state.purge_front(now, s);
-            let Some(head) = state.queue.front() else {
-                if state.closed {
-                    return false;
+        state.purge_front(now, s);
+        let take = match state.queue.front() {
+            None if state.closed && state.running == 0 => Take::Finished,
+            None => Take::Wait(None),
+            Some(head) => {
+                let timeout = self.config.batch_timeout;
+                let plan = state.plan(&self.config, now);
+                // `None` when the timeout is too large to add: only a full batch runs it.
+                let flush_at = head.enqueued.checked_add(timeout);
+                let due = plan.full
+                    || state.closed
+                    || timeout.is_zero()
+                    || flush_at.is_some_and(|t| t <= now);
+                if due {
+                    state.take(plan.end, self.config.max_batch_size, now, s);
+                    state.running += 1;
+                    Take::Batch {
+                        more: !state.queue.is_empty(),
+                    }
+                } else {
+                    // Also wake for the head's deadline, so it is answered on time.
+                    Take::Wait(match (flush_at, head.deadline) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    })
                 }
-                state = self
-                    .wake
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
-            };
-            let timeout = self.config.batch_timeout;
-            let plan = state.plan(&self.config, now);
-            // `None` when the timeout is too large to add: only a full batch runs it.
-            let flush_at = head.enqueued.checked_add(timeout);
-            let due = plan.full
-                || state.closed
-                || timeout.is_zero()
-                || flush_at.is_some_and(|t| t <= now);
-            if due {
-                state.take(plan.end, self.config.max_batch_size, now, s);
-                break;
             }
-            // Also wake for the head's deadline, so it is answered on time.
-            let wake_at = match (flush_at, head.deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            state = match wake_at {
-                Some(t) => {
-                    let wait = t
-                        .saturating_duration_since(now)
-                        .max(Duration::from_micros(1));
-                    self.wake
-                        .wait_timeout(state, wait)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-                None => self
-                    .wake
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner),
-            };
+        };
+        drop(state);
+        self.settle_dead(s);
+        take
+    }
+
+    /// Answers the expired items gathered in `s` and drops the abandoned ones.
+    fn settle_dead(&self, s: &mut Scratch) {
+        Counters::add(&self.stats.expired, s.expired.len());
+        Counters::add(&self.stats.abandoned, s.abandoned.len());
+        for item in s.expired.drain(..) {
+            // The caller may have gone meanwhile; nobody to tell then.
+            let _ = item.reply.send(Err(BatchError::DeadlineExceeded));
         }
-        // This thread takes only one batch; let another one look at what is left.
-        if !state.queue.is_empty() {
-            self.wake.notify_one();
+        s.abandoned.clear();
+    }
+
+    /// A batch taken by [`Self::try_take`] has been answered.
+    pub fn batch_done(&self) {
+        self.lock().running -= 1;
+    }
+
+    /// Closed, empty and with no batch running.
+    pub fn is_finished(&self) -> bool {
+        let state = self.lock();
+        state.closed && state.queue.is_empty() && state.running == 0
+    }
+
+    /// Called by the pool once it has dropped this queue and its model.
+    pub fn mark_detached(&self) {
+        self.lock().detached = true;
+        self.detached.notify_all();
+    }
+
+    /// Blocks until the pool has let go of this (closed) queue.
+    pub fn wait_detached(&self) {
+        let mut state = self.lock();
+        while !state.detached {
+            state = self
+                .detached
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
-        true
     }
 }
 

@@ -1,4 +1,4 @@
-//! A batch thread's loop, and one forward pass: concatenating the items' inputs, padding,
+//! One forward pass: concatenating the items' inputs, padding,
 //! running the model, checking and splitting its outputs.
 
 use std::any::Any;
@@ -10,40 +10,24 @@ use aspire_core::{Signature, TensorSpec};
 use bytes::Bytes;
 
 use super::BatchError;
-use super::queue::{Counters, Item, Scratch, Shared};
+use super::queue::{Counters, Item, Shared};
 use crate::model::Servable;
 use crate::tensor::{HostTensor, numel};
 
-/// The body of one batch thread: runs batches until the queue is closed and drained.
-pub(super) fn batch_thread(shared: Arc<Shared>, model: Arc<dyn Servable>) {
-    // `model.run` has its own guard; this one only keeps the thread serving if the
-    // batcher itself has a bug. Replies of the batch in hand are dropped with it, which
-    // callers see as a failed request rather than a hang.
-    while let Err(panic) = panic::catch_unwind(AssertUnwindSafe(|| serve(&shared, &*model))) {
+/// Runs the batch a pool thread took from `shared` and answers its items; leaves `batch`
+/// empty. `model.run` has its own guard; this one only keeps the thread serving if the
+/// batcher itself has a bug. The replies of a batch that panics here are dropped, which
+/// callers see as a failed request rather than a hang.
+pub(super) fn run_taken(shared: &Shared, model: &dyn Servable, batch: &mut Vec<Item>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(|| run_batch(shared, model, batch))) {
         tracing::error!(
             "batch thread recovered from a panic: {}",
             panic_message(panic.as_ref())
         );
-    }
-}
-
-fn serve(shared: &Shared, model: &dyn Servable) {
-    let mut s = Scratch::default();
-    loop {
-        let more = shared.next_batch(&mut s);
-        Counters::add(&shared.stats.expired, s.expired.len());
-        Counters::add(&shared.stats.abandoned, s.abandoned.len());
-        for item in s.expired.drain(..) {
-            // The caller may have gone meanwhile; nobody to tell then.
-            let _ = item.reply.send(Err(BatchError::DeadlineExceeded));
-        }
-        s.abandoned.clear();
-        if !s.batch.is_empty() {
-            run_batch(shared, model, &mut s.batch);
-        }
-        if !more {
-            return;
-        }
+        batch.clear();
     }
 }
 
