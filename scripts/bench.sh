@@ -173,28 +173,46 @@ run_load() {
 }
 
 worker_pid=""; router_pid=""
-for batching in off on; do
+# Three worker setups: batching off, on (default flags), and on with one batch thread
+# (so each forward pass gets every CPU as intra-op threads), the last one direct only.
+for setup in off on one; do
     flags=()
-    [ "$batching" = on ] && flags+=(--enable_batching)
-    log "batching $batching: starting aspire-worker and aspire-router"
+    batching=$setup
+    case "$setup" in
+        on) flags+=(--enable_batching) ;;
+        one) flags+=(--enable_batching --num-batch-threads=1); batching="on, 1 batch thread" ;;
+    esac
+    log "batching $batching: starting aspire-worker${flags[*]:+ (${flags[*]})}"
     "$bin/aspire-worker" "$etcd" "$prefix" --host=127.0.0.1 --port=$worker_port \
         --metrics-port=$worker_metrics --worker-id=bench-worker "${flags[@]}" \
-        >"$dir/logs/worker-batching-$batching.log" 2>&1 &
+        >"$dir/logs/worker-batching-$setup.log" 2>&1 &
     worker_pid=$!
     pids+=("$worker_pid")
     for m in $models; do wait_serving "127.0.0.1:$worker_port" "$m" 240; done
-    "$bin/aspire-router" "$etcd" "$prefix" --host=127.0.0.1 --port=$router_port \
-        --metrics-port=$router_metrics >"$dir/logs/router-batching-$batching.log" 2>&1 &
-    router_pid=$!
-    pids+=("$router_pid")
-    for m in $models; do wait_serving "127.0.0.1:$router_port" "$m" 60; done
+    if [ "$setup" != one ]; then
+        "$bin/aspire-router" "$etcd" "$prefix" --host=127.0.0.1 --port=$router_port \
+            --metrics-port=$router_metrics >"$dir/logs/router-batching-$setup.log" 2>&1 &
+        router_pid=$!
+        pids+=("$router_pid")
+        for m in $models; do wait_serving "127.0.0.1:$router_port" "$m" 60; done
+    fi
+    # LibTorch's OpenMP threads spin between parallel regions only while the process
+    # runs no more of them than CPUs; the threads that loaded and warmed the models up
+    # count until they exit (tokio lets idle blocking threads go after 10 s).
+    sleep 11
 
     for m in $models; do
         for c in $concurrencies; do
-            log "$m, batching $batching, c=$c: direct, then through the router"
+            if [ -n "$router_pid" ]; then
+                log "$m, batching $batching, c=$c: direct, then through the router"
+            else
+                log "$m, batching $batching, c=$c: direct"
+            fi
             run_load "127.0.0.1:$worker_port" "$m" direct "$batching" "$c" "worker=$worker_pid"
-            run_load "127.0.0.1:$router_port" "$m" router "$batching" "$c" \
-                "worker=$worker_pid" "router=$router_pid"
+            if [ -n "$router_pid" ]; then
+                run_load "127.0.0.1:$router_port" "$m" router "$batching" "$c" \
+                    "worker=$worker_pid" "router=$router_pid"
+            fi
         done
     done
     stop_pid "$router_pid"; router_pid=""
@@ -236,7 +254,7 @@ report_args=(
     --meta "machine=${cpu_model:-unknown CPU}, $(nproc) cores ($(lscpu | sed -n 's/^CPU(s):[[:space:]]*//p' | head -1) CPUs listed), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr)"
     --meta "load average (1, 5, 15 min)=$load_before before, $(cut -d' ' -f1-3 /proc/loadavg) after"
     --meta "runs=each measured for ${seconds} s (ResNet-18: ${resnet_seconds} s) after a warm-up of ${warmup} s and until every caller has had an answer; concurrency $concurrencies; load generator: $client_threads runtime thread(s), one HTTP/2 connection per 16 callers; compute ceiling: ${seconds} s per batch size"
-    --meta "servers=one aspire-worker and one aspire-router with default flags (--enable_batching for batching on), etcd and aspire-discovery, all on 127.0.0.1"
+    --meta "servers=one aspire-worker and one aspire-router with default flags (--enable_batching for batching on; --enable_batching --num-batch-threads=1 for the on, 1 batch thread rows, direct only), etcd and aspire-discovery, all on 127.0.0.1"
     --meta "make bench took=${elapsed} s"
 )
 echo

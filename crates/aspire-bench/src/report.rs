@@ -188,10 +188,15 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or_else(|| "–".to_string(), f)
 }
 
-const PATHS: [(&str, &str); 5] = [
+/// The batching label of the runs against a worker with one batch thread (and so all
+/// CPUs as intra-op threads of each forward pass), batching on.
+pub const ONE_THREAD: &str = "on, 1 batch thread";
+
+const PATHS: [(&str, &str); 6] = [
     ("transport", "-"),
     ("direct", "off"),
     ("direct", "on"),
+    ("direct", ONE_THREAD),
     ("router", "off"),
     ("router", "on"),
 ];
@@ -505,6 +510,30 @@ pub fn checks(results: &Results) -> Vec<Check> {
                 ),
             )),
             _ => checks.push(Check::missing(what)),
+        }
+    }
+
+    // The default pool (a batch thread per CPU, one intra-op thread each) against one
+    // batch thread with every CPU in each forward pass.
+    for model in results.models() {
+        let what = format!("{model}, direct, batching on: default batch threads vs 1 batch thread");
+        let pairs: Vec<String> = results
+            .concurrencies()
+            .into_iter()
+            .filter_map(|c| {
+                let default = results.load(&model, "direct", "on", c)?;
+                let one = results.load(&model, "direct", ONE_THREAD, c)?;
+                Some(format!(
+                    "c={c}: {} vs {} req/s, p50 {} vs {} ms",
+                    rate(default.throughput_rps),
+                    rate(one.throughput_rps),
+                    ms(default.latency.p50_us),
+                    ms(one.latency.p50_us)
+                ))
+            })
+            .collect();
+        if !pairs.is_empty() {
+            checks.push(Check::info(what, pairs.join("; ")));
         }
     }
 

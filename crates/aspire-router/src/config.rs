@@ -35,7 +35,9 @@ pub struct RouterConfig {
     /// the router registers nothing).
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Worker threads of the async runtime [default: the CPUs this process may use].
+    /// Worker threads of the async runtime [default: half the CPUs this process may use,
+    /// rounded up: forwarding is mostly the kernel's network work, and each extra runtime
+    /// thread that parks and wakes per request costs more CPU than it adds].
     #[arg(
         long = "runtime-worker-threads",
         visible_alias = "runtime_worker_threads",
@@ -89,7 +91,9 @@ impl RouterConfig {
     /// Threads for the async runtime.
     pub fn runtime_threads(&self) -> usize {
         self.runtime_worker_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2))
+            })
             .max(1)
     }
 

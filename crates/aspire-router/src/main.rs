@@ -8,6 +8,11 @@ use aspire_router::{RouterConfig, bind, run};
 use aspire_telemetry::{init_logging, shutdown_signal};
 use clap::Parser;
 
+/// mimalloc for Rust's allocations: glibc's malloc and free took about a tenth of this
+/// process's CPU under load (see BENCHMARKS.md). LibTorch keeps its own allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let config = RouterConfig::parse();
     config.validate().map_err(anyhow::Error::msg)?;

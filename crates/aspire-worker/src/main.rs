@@ -7,6 +7,11 @@ use anyhow::Context;
 use aspire_worker::app::{WorkerCli, run_worker};
 use clap::Parser;
 
+/// mimalloc for Rust's allocations: glibc's malloc and free took about a tenth of this
+/// process's CPU under load (see BENCHMARKS.md). LibTorch keeps its own allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = WorkerCli::parse();
     aspire_telemetry::init_logging();
