@@ -169,7 +169,7 @@ impl Signal {
 }
 
 /// How long a thread that found nothing to do polls (yielding the CPU) before it sleeps,
-/// at most once per batch it ran. Measured on 2 cores, MNIST at 32 callers: +10-16%
+/// at most once per wake-up. Measured on 2 cores, MNIST at 32 callers: +10-16%
 /// requests/s and a lower p50 at 1 caller; an idle worker does not poll.
 const POLL: Duration = Duration::from_micros(50);
 
