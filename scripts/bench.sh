@@ -196,10 +196,8 @@ for setup in off on one; do
         pids+=("$router_pid")
         for m in $models; do wait_serving "127.0.0.1:$router_port" "$m" 60; done
     fi
-    # LibTorch's OpenMP threads spin between parallel regions only while the process
-    # runs no more of them than CPUs; the threads that loaded and warmed the models up
-    # count until they exit (tokio lets idle blocking threads go after 10 s).
-    sleep 11
+    # Let start-up settle (etcd writes, the router's first health checks).
+    sleep 2
 
     for m in $models; do
         for c in $concurrencies; do
