@@ -14,6 +14,8 @@
 //! a moment, then sleeps on one condition variable that every queue signals when a
 //! request arrives or it closes.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -25,12 +27,12 @@ use crate::model::Servable;
 thread_local! {
     /// Set on pool threads, so a batcher shut down from inside a forward pass does not
     /// wait for itself.
-    static ON_POOL_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ON_POOL_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether the calling thread is a batch thread.
 pub(super) fn on_pool_thread() -> bool {
-    ON_POOL_THREAD.with(std::cell::Cell::get)
+    ON_POOL_THREAD.with(Cell::get)
 }
 
 /// A pool of batch threads that any number of version queues can join.
@@ -127,7 +129,7 @@ pub(super) struct Signal {
     state: Mutex<PoolState>,
     wake: Condvar,
     /// `pending`, readable without the lock by a thread polling before it sleeps.
-    hint: std::sync::atomic::AtomicBool,
+    hint: AtomicBool,
 }
 
 impl Signal {
@@ -148,7 +150,7 @@ impl Signal {
     pub(super) fn notify(&self, all: bool) {
         let mut state = self.lock();
         state.pending = true;
-        self.hint.store(true, std::sync::atomic::Ordering::Release);
+        self.hint.store(true, Ordering::Release);
         let sleeping = state.sleeping;
         drop(state);
         if sleeping == 0 {
@@ -180,9 +182,7 @@ fn pool_thread(signal: &Signal) {
     let mut state = signal.lock();
     loop {
         state.pending = false;
-        signal
-            .hint
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        signal.hint.store(false, Ordering::Relaxed);
         let now = Instant::now();
         let n = state.members.len();
         let start = if n == 0 { 0 } else { state.next % n };
@@ -237,8 +237,7 @@ fn pool_thread(signal: &Signal) {
             // microseconds away, and a sleep costs a futex wake and a context switch.
             drop(state);
             let until = Instant::now() + POLL;
-            while Instant::now() < until && !signal.hint.load(std::sync::atomic::Ordering::Acquire)
-            {
+            while Instant::now() < until && !signal.hint.load(Ordering::Acquire) {
                 std::thread::yield_now();
             }
             polled = Instant::now();
