@@ -9,9 +9,8 @@ use aspire_registry::cli::EtcdArgs;
 use aspire_telemetry::metrics::MetricsPort;
 use clap::Parser;
 
-/// TensorFlow Serving's limit on message size (2 GiB − 1), the default of
-/// `--max-message-size-bytes`.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+pub use aspire_ingress::DEFAULT_MAX_MESSAGE_BYTES;
+use aspire_ingress::{DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_INFLIGHT_BYTES};
 
 /// `--metrics-port` when not given: the default gRPC port (8500) plus 1000, as the
 /// worker's is (9501 for 8501).
@@ -44,10 +43,21 @@ pub struct RouterConfig {
         env = "ASPIRE_RUNTIME_WORKER_THREADS"
     )]
     pub runtime_worker_threads: Option<usize>,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// Largest gRPC message accepted or sent, in bytes; a larger request is refused with
+    /// INVALID_ARGUMENT from its header, before its body is read, and never forwarded.
     #[arg(long = "max-message-size-bytes", visible_alias = "max_message_size_bytes",
           env = "ASPIRE_MAX_MESSAGE_SIZE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_size_bytes: usize,
+    /// Request bytes the router holds at once (received and not yet answered); a request
+    /// that does not fit is shed at once with RESOURCE_EXHAUSTED.
+    #[arg(long = "max-inflight-bytes", visible_alias = "max_inflight_bytes",
+          env = "ASPIRE_MAX_INFLIGHT_BYTES", default_value_t = DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
+    /// Requests one client HTTP/2 connection may have open at once; a client's further
+    /// requests wait for a stream to finish.
+    #[arg(long = "max-concurrent-streams", visible_alias = "max_concurrent_streams",
+          env = "ASPIRE_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
     /// How soon a worker marked down after a failed call is first health-checked, in
     /// milliseconds; the interval doubles after each failed check, up to 30 s.
     #[arg(
@@ -81,6 +91,15 @@ impl RouterConfig {
         }
         if self.max_message_size_bytes == 0 {
             return Err("--max-message-size-bytes must be positive".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be positive".into());
+        }
+        if self.max_inflight_bytes < self.max_message_size_bytes {
+            return Err(format!(
+                "--max-inflight-bytes ({}) is smaller than --max-message-size-bytes ({}): a request at the size limit could never be forwarded; raise the first or lower the second",
+                self.max_inflight_bytes, self.max_message_size_bytes
+            ));
         }
         if self.worker_probe_interval_ms == 0 {
             return Err("--worker-probe-interval-ms must be positive".into());

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use aspire_ingress::{InflightBudget, IngressLayer, PREDICT_PATH};
 use aspire_proto::serving::model_service_server::ModelServiceServer;
 use aspire_registry::Registry;
 use aspire_telemetry::metrics::{MetricsServer, RouterMetrics};
@@ -113,6 +114,7 @@ pub async fn run_with_metrics(
         max_message_bytes: config.max_message_size_bytes,
         probe_after: config.worker_probe_interval(),
         metrics,
+        retry_budget: forward::retry_budget(),
     });
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -123,9 +125,21 @@ pub async fn run_with_metrics(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let ingress = IngressLayer::new(
+        max,
+        "--max-message-size-bytes",
+        InflightBudget::new(
+            config.max_inflight_bytes,
+            "the router's in-flight request budget",
+            "--max-inflight-bytes",
+        ),
+        &[PREDICT_PATH],
+    );
     tracing::info!(address = %local, prefix = %registry.schema().prefix(), "aspire-router listening");
 
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .layer(ingress)
         .add_service(health)
         .add_service(PredictionRouter::new(router))
         .add_service(models)

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use crate::batcher::BatchPool;
 use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, warmup_batch_sizes};
 use crate::model;
-use crate::server::serve;
-use crate::service::ServingApi;
+use crate::server::{ServerLimits, serve};
+use crate::service::{RequestLimits, ServingApi};
 use crate::version_manager::{ManagerConfig, VersionManager};
 
 /// How long an unloading version still answers requests that name it: routers see the
@@ -94,6 +94,10 @@ pub async fn run_worker_with_metrics(
         .map(|l| MetricsServer::start(l, metrics.registry().clone()))
         .transpose()
         .map_err(|e| WorkerStartError::Config(format!("metrics listener: {e}")))?;
+    settings
+        .serving
+        .validate()
+        .map_err(WorkerStartError::Config)?;
     let batching = settings
         .batching
         .resolve()
@@ -136,7 +140,13 @@ pub async fn run_worker_with_metrics(
         batch_pool: Some(batch_pool),
     };
     let (manager, manager_task) = VersionManager::start(config, device_name, registry);
-    let api = ServingApi::new(manager.clone(), settings.serving.output_encoding.into());
+    let api = ServingApi::new(
+        manager.clone(),
+        settings.serving.output_encoding.into(),
+        RequestLimits {
+            max_request_bytes: settings.serving.max_request_bytes,
+        },
+    );
     let draining = manager.clone();
     let drain = async move {
         shutdown.await;
@@ -151,7 +161,11 @@ pub async fn run_worker_with_metrics(
         api,
         manager.ready(),
         listener,
-        settings.serving.max_message_size_bytes,
+        ServerLimits {
+            max_message_bytes: settings.serving.max_message_size_bytes,
+            max_inflight_bytes: settings.serving.max_inflight_bytes,
+            max_concurrent_streams: settings.serving.max_concurrent_streams,
+        },
         drain,
     )
     .await;

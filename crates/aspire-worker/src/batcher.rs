@@ -42,6 +42,8 @@ pub struct BatchConfig {
     pub batch_timeout: Duration,
     /// Queue capacity, in batches of `max_batch_size` rows.
     pub max_enqueued_batches: usize,
+    /// Queue capacity in bytes of input tensors, whatever their rows.
+    pub max_enqueued_bytes: usize,
     /// Batch threads: of the worker's shared pool, or of a batcher made with
     /// [`Batcher::new`], its own.
     pub num_batch_threads: usize,
@@ -59,6 +61,18 @@ pub enum BatchError {
         /// Rows queued.
         rows: usize,
         /// Capacity in rows.
+        capacity: usize,
+    },
+    /// The queue's inputs would pass `max_enqueued_bytes` with this request's.
+    #[error(
+        "the batch queue of this version holds {queued} bytes of inputs; with this request's {bytes} it would pass its limit of {capacity} bytes (--max-enqueued-bytes); retry later"
+    )]
+    QueueBytesFull {
+        /// Bytes queued.
+        queued: usize,
+        /// Bytes of this request's inputs.
+        bytes: usize,
+        /// `max_enqueued_bytes`.
         capacity: usize,
     },
     /// The request has more rows than one batch may hold.
@@ -124,6 +138,7 @@ impl Batcher {
     ) -> Self {
         config.max_batch_size = config.max_batch_size.max(1);
         config.max_enqueued_batches = config.max_enqueued_batches.max(1);
+        config.max_enqueued_bytes = config.max_enqueued_bytes.max(1);
         config.num_batch_threads = config.num_batch_threads.max(1);
         let mut own_pool = None;
         let pool = match pool {
@@ -168,10 +183,12 @@ impl Batcher {
             return Err(BatchError::DeadlineExceeded);
         }
         let (reply, outputs) = oneshot::channel();
+        let bytes = inputs.iter().map(|t| t.data.len()).sum();
         self.shared.push(Item {
             signature,
             inputs,
             rows,
+            bytes,
             deadline,
             enqueued,
             reply,
@@ -449,6 +466,7 @@ mod tests {
             max_batch_size,
             batch_timeout: Duration::ZERO,
             max_enqueued_batches: 4,
+            max_enqueued_bytes: usize::MAX,
             num_batch_threads: 1,
             allowed_batch_sizes: Vec::new(),
         }
@@ -629,6 +647,7 @@ mod tests {
     async fn queue_full_is_rejected_at_once() {
         let config = BatchConfig {
             max_enqueued_batches: 2,
+            max_enqueued_bytes: usize::MAX,
             ..config(2)
         };
         let (fake, gate, b) = held(config).await;
@@ -883,6 +902,7 @@ mod tests {
             num_batch_threads: 2,
             batch_timeout: Duration::from_millis(1),
             max_enqueued_batches: 100,
+            max_enqueued_bytes: usize::MAX,
             ..config(8)
         };
         let b = Arc::new(Batcher::new(fake.clone(), config));
@@ -940,6 +960,7 @@ mod tests {
         );
         let roomy = || BatchConfig {
             max_enqueued_batches: 100,
+            max_enqueued_bytes: usize::MAX,
             ..config(4)
         };
         let join = |model: Arc<ThreadSpy>| {

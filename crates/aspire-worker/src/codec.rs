@@ -22,10 +22,36 @@ pub enum OutputEncoding {
     TensorContent,
 }
 
-/// Decodes input `spec.name` from either encoding and checks its dtype, shape and content
-/// length against `spec`. The error is a sentence naming the tensor, what came and what
-/// was expected (INVALID_ARGUMENT).
-pub fn decode_input(spec: &TensorSpec, proto: &TensorProto) -> Result<HostTensor, String> {
+/// What one input of a request declares, checked against its signature before anything
+/// proportional to it is allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    /// Its dtype.
+    pub dtype: DType,
+    /// Its shape, every size known.
+    pub shape: Vec<i64>,
+    /// Elements the shape holds.
+    pub numel: usize,
+    /// Bytes it takes once decoded (`numel` times the dtype's size): what a single
+    /// broadcast value expands to, too.
+    pub bytes: usize,
+    /// Whether its values come in `tensor_content`, which decoding shares rather than copies.
+    pub in_tensor_content: bool,
+}
+
+impl Declared {
+    /// Rows along dimension 0; `None` for a scalar.
+    pub fn rows(&self) -> Option<usize> {
+        self.shape
+            .first()
+            .map(|d| usize::try_from(*d).unwrap_or(usize::MAX))
+    }
+}
+
+/// Reads what input `spec.name` declares (dtype, shape, decoded size) and checks it
+/// against `spec`, without touching its values. The error is a sentence for
+/// INVALID_ARGUMENT.
+pub fn declare(spec: &TensorSpec, proto: &TensorProto) -> Result<Declared, String> {
     let name = &spec.name;
     let dtype = DType::from_tf_number(proto.dtype).ok_or_else(|| {
         format!(
@@ -36,12 +62,52 @@ pub fn decode_input(spec: &TensorSpec, proto: &TensorProto) -> Result<HostTensor
     })?;
     let shape = decode_shape(name, proto.tensor_shape.as_ref())?;
     spec.check(dtype, &shape)?;
-    let numel = checked_numel(&shape)
-        .ok_or_else(|| format!("input '{name}' has shape {shape:?}, which is too large"))?;
-    let needed_bytes = numel
-        .checked_mul(dtype.size())
-        .ok_or_else(|| format!("input '{name}' has shape {shape:?}, which is too large"))?;
+    let too_large = || format!("input '{name}' has shape {shape:?}, which is too large");
+    let numel = checked_numel(&shape).ok_or_else(too_large)?;
+    let bytes = numel.checked_mul(dtype.size()).ok_or_else(too_large)?;
+    Ok(Declared {
+        dtype,
+        numel,
+        bytes,
+        in_tensor_content: !proto.tensor_content.is_empty(),
+        shape,
+    })
+}
 
+/// Decodes input `spec.name` from either encoding and checks its dtype, shape and content
+/// length against `spec`. An input that would take more than `max_bytes` once decoded is
+/// refused before anything is allocated for it. The error is a sentence naming the
+/// tensor, what came and what was expected (INVALID_ARGUMENT).
+pub fn decode_input(
+    spec: &TensorSpec,
+    proto: &TensorProto,
+    max_bytes: usize,
+) -> Result<HostTensor, String> {
+    let declared = declare(spec, proto)?;
+    if declared.bytes > max_bytes {
+        return Err(format!(
+            "input '{}' has shape {:?} of {}, {} bytes decoded; the limit is {max_bytes} bytes",
+            spec.name, declared.shape, declared.dtype, declared.bytes
+        ));
+    }
+    decode_declared(spec, proto, declared)
+}
+
+/// Decodes an input [`declare`] accepted; the caller has checked `declared.bytes`
+/// against its limits.
+pub fn decode_declared(
+    spec: &TensorSpec,
+    proto: &TensorProto,
+    declared: Declared,
+) -> Result<HostTensor, String> {
+    let name = &spec.name;
+    let Declared {
+        dtype,
+        shape,
+        numel,
+        bytes: needed_bytes,
+        ..
+    } = declared;
     let typed = typed_len(dtype, proto);
     let content = &proto.tensor_content;
     let data = if !content.is_empty() {
@@ -275,6 +341,8 @@ fn collect<T, const N: usize>(data: &[u8], dec: impl Fn([u8; N]) -> T) -> Vec<T>
 mod tests {
     use super::*;
 
+    const NO_LIMIT: usize = usize::MAX;
+
     fn spec(name: &str, dtype: DType, shape: &[i64]) -> TensorSpec {
         TensorSpec {
             name: name.to_string(),
@@ -357,11 +425,15 @@ mod tests {
             let typed = encode_output(&t, OutputEncoding::Typed);
             assert!(typed.tensor_content.is_empty(), "{dtype}");
             assert_eq!(typed_len(dtype, &typed), 6, "{dtype}");
-            assert_eq!(decode_input(&s, &typed).unwrap(), t, "{dtype} typed");
+            assert_eq!(
+                decode_input(&s, &typed, NO_LIMIT).unwrap(),
+                t,
+                "{dtype} typed"
+            );
 
             let content = encode_output(&t, OutputEncoding::TensorContent);
             assert_eq!(typed_len(dtype, &content), 0, "{dtype}");
-            let back = decode_input(&s, &content).unwrap();
+            let back = decode_input(&s, &content, NO_LIMIT).unwrap();
             assert_eq!(back, t, "{dtype} tensor_content");
             // Zero copy both ways: response and decoded input share the tensor's buffer.
             assert_eq!(content.tensor_content.as_ptr(), t.data.as_ptr());
@@ -404,7 +476,7 @@ mod tests {
             half_val: vec![0x3c00, 0x7_3c00],
             ..TensorProto::default()
         };
-        let t = decode_input(&spec("h", DType::F16, &[-1, 2]), &p).unwrap();
+        let t = decode_input(&spec("h", DType::F16, &[-1, 2]), &p, NO_LIMIT).unwrap();
         assert_eq!(&t.data[..], &[0x00, 0x3c, 0x00, 0x3c]);
     }
 
@@ -413,6 +485,7 @@ mod tests {
         let t = decode_input(
             &spec("x", DType::F32, &[-1, 3]),
             &float_proto(&[2, 3], &[7.5]),
+            NO_LIMIT,
         )
         .unwrap();
         assert_eq!(t.to_f32().unwrap(), vec![7.5; 6]);
@@ -422,18 +495,23 @@ mod tests {
             int_val: vec![9],
             ..TensorProto::default()
         };
-        let t = decode_input(&spec("u", DType::U8, &[-1, 4]), &p).unwrap();
+        let t = decode_input(&spec("u", DType::U8, &[-1, 4]), &p, NO_LIMIT).unwrap();
         assert_eq!(&t.data[..], &[9, 9, 9, 9]);
     }
 
     #[test]
     fn empty_batch_decodes_to_no_bytes() {
-        let t = decode_input(&spec("x", DType::F32, &[-1, 3]), &float_proto(&[0, 3], &[])).unwrap();
+        let t = decode_input(
+            &spec("x", DType::F32, &[-1, 3]),
+            &float_proto(&[0, 3], &[]),
+            NO_LIMIT,
+        )
+        .unwrap();
         assert_eq!((t.shape, t.data.len()), (vec![0, 3], 0));
     }
 
     fn decode_err(s: &TensorSpec, p: &TensorProto) -> String {
-        decode_input(s, p).unwrap_err()
+        decode_input(s, p, NO_LIMIT).unwrap_err()
     }
 
     #[test]
@@ -555,5 +633,47 @@ mod tests {
                 format!("input 'pixels': int_val[2] = {bad} is out of range for {dtype} ({range})")
             );
         }
+    }
+
+    #[test]
+    fn a_broadcast_to_a_huge_shape_is_refused_before_it_is_allocated() {
+        // The 60-byte request that once made the server try to allocate 3.3 TB.
+        let p = float_proto(&[1 << 30, 784], &[0.5]);
+        let s = spec("images", DType::F32, &[-1, 784]);
+        let d = declare(&s, &p).unwrap();
+        assert_eq!(
+            (d.bytes, d.rows(), d.in_tensor_content),
+            (3_367_254_360_064, Some(1 << 30), false)
+        );
+        assert_eq!(
+            decode_input(&s, &p, 256 << 20).unwrap_err(),
+            "input 'images' has shape [1073741824, 784] of DT_FLOAT, 3367254360064 bytes decoded; the limit is 268435456 bytes"
+        );
+        // Every dtype counts at its decoded size.
+        for dtype in DType::ALL {
+            let p = TensorProto {
+                dtype: dtype.tf_number(),
+                tensor_shape: shape_proto(&[1 << 20, 1 << 10]),
+                tensor_content: Bytes::from_static(&[0; 8]),
+                ..TensorProto::default()
+            };
+            let s = spec("x", dtype, &[-1, -1]);
+            let d = declare(&s, &p).unwrap();
+            assert_eq!(d.bytes, (1 << 30) * dtype.size(), "{dtype}");
+            assert!(d.in_tensor_content);
+            let err = decode_input(&s, &p, (1 << 30) - 1).unwrap_err();
+            assert!(
+                err.contains("the limit is 1073741823 bytes"),
+                "{dtype}: {err}"
+            );
+        }
+        // At the limit it decodes.
+        let t = decode_input(
+            &spec("x", DType::F32, &[-1, 2]),
+            &float_proto(&[2, 2], &[1.0]),
+            16,
+        )
+        .unwrap();
+        assert_eq!(t.to_f32().unwrap(), vec![1.0; 4]);
     }
 }

@@ -11,7 +11,10 @@ use clap::{ArgAction, Args, ValueEnum};
 use crate::batcher::BatchConfig;
 use crate::codec::OutputEncoding;
 use crate::model::DeviceSpec;
-use crate::server::DEFAULT_MAX_MESSAGE_BYTES;
+use aspire_ingress::{
+    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
+};
 
 /// Batching flags. A flag given on the command line overrides the same knob in
 /// `--batching_parameters_file`, which overrides the default.
@@ -49,6 +52,14 @@ pub struct BatchingArgs {
         env = "ASPIRE_MAX_ENQUEUED_BATCHES"
     )]
     pub max_enqueued_batches: Option<usize>,
+    /// Queue capacity per version in bytes of input tensors, whatever their rows; a
+    /// request that would pass it is shed with RESOURCE_EXHAUSTED [default: 512 MiB].
+    #[arg(
+        long = "max-enqueued-bytes",
+        visible_alias = "max_enqueued_bytes",
+        env = "ASPIRE_MAX_ENQUEUED_BYTES"
+    )]
+    pub max_enqueued_bytes: Option<usize>,
     /// Threads running forward passes, shared by every model version of the worker, as in
     /// TensorFlow Serving [default: the CPUs this process may use].
     #[arg(
@@ -70,6 +81,9 @@ pub struct BatchingArgs {
 /// Largest request accepted when batching is off: requests then run alone, so the only
 /// limit is memory; this bounds a single request's rows.
 const UNBATCHED_MAX_ROWS: usize = 1 << 20;
+
+/// Default of `--max-enqueued-bytes`.
+pub const DEFAULT_MAX_ENQUEUED_BYTES: usize = 512 << 20;
 
 impl BatchingArgs {
     /// The batch configuration these flags (and the parameters file) describe. Errors
@@ -138,12 +152,19 @@ impl BatchingArgs {
         if enqueued == 0 || threads == 0 {
             return Err("--max-enqueued-batches and --num-batch-threads must be positive".into());
         }
+        let enqueued_bytes = self
+            .max_enqueued_bytes
+            .unwrap_or(DEFAULT_MAX_ENQUEUED_BYTES);
+        if enqueued_bytes == 0 {
+            return Err("--max-enqueued-bytes must be positive".into());
+        }
         Ok(if self.enable_batching {
             BatchConfig {
                 enabled: true,
                 max_batch_size: max,
                 batch_timeout: Duration::from_micros(timeout_us),
                 max_enqueued_batches: enqueued,
+                max_enqueued_bytes: enqueued_bytes,
                 num_batch_threads: threads,
                 allowed_batch_sizes: allowed,
             }
@@ -154,6 +175,7 @@ impl BatchingArgs {
                 batch_timeout: Duration::ZERO,
                 // Counted in rows of UNBATCHED_MAX_ROWS: a queue of 1 such batch.
                 max_enqueued_batches: 1,
+                max_enqueued_bytes: enqueued_bytes,
                 num_batch_threads: threads,
                 allowed_batch_sizes: Vec::new(),
             }
@@ -245,10 +267,28 @@ pub struct ServingArgs {
         env = "ASPIRE_RUNTIME_WORKER_THREADS"
     )]
     pub runtime_worker_threads: Option<usize>,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// Largest gRPC message accepted or sent, in bytes; a larger request is refused with
+    /// INVALID_ARGUMENT from its header, before its body is read.
     #[arg(long = "max-message-size-bytes", visible_alias = "max_message_size_bytes", env = "ASPIRE_MAX_MESSAGE_SIZE_BYTES",
           default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_size_bytes: usize,
+    /// Most bytes one request's inputs may take once decoded (a single value broadcast
+    /// to a shape counts at the size it fills); a larger request is refused with
+    /// INVALID_ARGUMENT before anything is allocated for it.
+    #[arg(long = "max-request-bytes", visible_alias = "max_request_bytes", env = "ASPIRE_MAX_REQUEST_BYTES",
+          default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    /// Request bytes the worker holds at once (messages as they arrive, plus decoded
+    /// copies of typed values) until answered; a request that does not fit is shed at
+    /// once with RESOURCE_EXHAUSTED.
+    #[arg(long = "max-inflight-bytes", visible_alias = "max_inflight_bytes", env = "ASPIRE_MAX_INFLIGHT_BYTES",
+          default_value_t = DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
+    /// Requests one HTTP/2 connection may have open at once; a client's further
+    /// requests wait for a stream to finish.
+    #[arg(long = "max-concurrent-streams", visible_alias = "max_concurrent_streams", env = "ASPIRE_MAX_CONCURRENT_STREAMS",
+          default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
     /// How Predict answers encode outputs.
     #[arg(long = "output-encoding", visible_alias = "output_encoding", env = "ASPIRE_OUTPUT_ENCODING", value_enum,
           default_value_t = EncodingArg::Typed)]
@@ -264,6 +304,30 @@ pub struct ServingArgs {
 }
 
 impl ServingArgs {
+    /// Checks the limits clap cannot; the error names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        for (flag, value) in [
+            ("--max-message-size-bytes", self.max_message_size_bytes),
+            ("--max-request-bytes", self.max_request_bytes),
+            ("--max-inflight-bytes", self.max_inflight_bytes),
+            (
+                "--max-concurrent-streams",
+                self.max_concurrent_streams as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be positive"));
+            }
+        }
+        if self.max_inflight_bytes < self.max_message_size_bytes {
+            return Err(format!(
+                "--max-inflight-bytes ({}) is smaller than --max-message-size-bytes ({}): a request at the size limit could never be served; raise the first or lower the second",
+                self.max_inflight_bytes, self.max_message_size_bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// Threads for the async runtime.
     pub fn runtime_threads(&self) -> usize {
         self.runtime_worker_threads

@@ -33,6 +33,10 @@ pub enum WorkerError {
     /// The version's queue is full; the client should back off and retry.
     #[error("{0}")]
     QueueFull(String),
+    /// A memory budget (the worker's in-flight bytes) has no room for the request; it is
+    /// shed at once, and a router may try another worker.
+    #[error("{0}")]
+    Overloaded(String),
     /// The deadline passed before the request ran.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -58,7 +62,9 @@ impl From<WorkerError> for Status {
             WorkerError::ModelNotFound { .. } | WorkerError::VersionNotFound { .. } => {
                 Status::not_found(msg)
             }
-            WorkerError::QueueFull(_) => Status::resource_exhausted(msg),
+            WorkerError::QueueFull(_) | WorkerError::Overloaded(_) => {
+                Status::resource_exhausted(msg)
+            }
             WorkerError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             WorkerError::Internal(_) => Status::internal(msg),
             WorkerError::Unavailable(_) => Status::unavailable(msg),
@@ -71,7 +77,9 @@ impl From<BatchError> for WorkerError {
     fn from(e: BatchError) -> Self {
         let msg = e.to_string();
         match e {
-            BatchError::QueueFull { .. } => WorkerError::QueueFull(msg),
+            BatchError::QueueFull { .. } | BatchError::QueueBytesFull { .. } => {
+                WorkerError::QueueFull(msg)
+            }
             BatchError::TooLarge { .. } => WorkerError::InvalidArgument(msg),
             BatchError::DeadlineExceeded => WorkerError::DeadlineExceeded(msg),
             BatchError::Model(_) => WorkerError::Internal(msg),

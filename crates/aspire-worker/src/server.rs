@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use aspire_ingress::{InflightBudget, IngressLayer, PREDICT_PATH};
 use aspire_proto::serving::model_service_server::ModelServiceServer;
 use aspire_proto::serving::prediction_service_server::PredictionServiceServer;
 use tokio::net::TcpListener;
@@ -11,20 +12,29 @@ use tonic_health::ServingStatus;
 
 use crate::service::ServingApi;
 
-/// TensorFlow Serving's limit on message size (2 GiB − 1), the default of
-/// `--max-message-size-bytes`.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
+/// What the server holds every connection and request to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest gRPC message taken or sent (`--max-message-size-bytes`).
+    pub max_message_bytes: usize,
+    /// Request bytes held at once before new Predicts are shed (`--max-inflight-bytes`).
+    pub max_inflight_bytes: usize,
+    /// Open requests per HTTP/2 connection (`--max-concurrent-streams`).
+    pub max_concurrent_streams: u32,
+}
 
 /// Serves `api` on `listener` until `shutdown` resolves, then stops accepting and lets
-/// requests in flight finish. The health service reports SERVING for the whole server
+/// requests in flight finish. Every request is held to `limits` as its bytes arrive
+/// ([`aspire_ingress`]). The health service reports SERVING for the whole server
 /// ("") and for `PredictionService` while `ready` is true.
 pub async fn serve(
     api: ServingApi,
     mut ready: watch::Receiver<bool>,
     listener: TcpListener,
-    max_message_bytes: usize,
+    limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let max_message_bytes = limits.max_message_bytes;
     let (reporter, health) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(async move {
         loop {
@@ -49,7 +59,19 @@ pub async fn serve(
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let ingress = IngressLayer::new(
+        max_message_bytes,
+        "--max-message-size-bytes",
+        InflightBudget::new(
+            limits.max_inflight_bytes,
+            "the worker's in-flight request budget",
+            "--max-inflight-bytes",
+        ),
+        &[PREDICT_PATH],
+    );
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(ingress)
         .add_service(health)
         .add_service(prediction)
         .add_service(models)

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aspire_core::{ModelName, SignatureMap, TensorSpec, Version};
+use aspire_core::{ModelName, Signature, SignatureMap, TensorSpec, Version};
+use aspire_ingress::RequestBudget;
+use aspire_proto::TensorProto;
 use aspire_proto::serving::model_service_server::ModelService;
 use aspire_proto::serving::prediction_service_server::PredictionService;
 use aspire_proto::serving::{
@@ -21,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::codec::{self, OutputEncoding};
 use crate::error::WorkerError;
+use crate::tensor::HostTensor;
 use crate::version_manager::{LoadedVersion, ModelEntry, VersionManager};
 
 /// The gRPC API of one worker (or of `aspire-server`).
@@ -28,12 +31,29 @@ use crate::version_manager::{LoadedVersion, ModelEntry, VersionManager};
 pub struct ServingApi {
     manager: Arc<VersionManager>,
     encoding: OutputEncoding,
+    limits: RequestLimits,
+}
+
+/// What one request may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most bytes a request's inputs may take once decoded (`--max-request-bytes`).
+    pub max_request_bytes: usize,
 }
 
 impl ServingApi {
-    /// Serves what `manager` has loaded; outputs are encoded as `encoding` says.
-    pub fn new(manager: Arc<VersionManager>, encoding: OutputEncoding) -> Self {
-        Self { manager, encoding }
+    /// Serves what `manager` has loaded; outputs are encoded as `encoding` says, requests
+    /// are held to `limits`.
+    pub fn new(
+        manager: Arc<VersionManager>,
+        encoding: OutputEncoding,
+        limits: RequestLimits,
+    ) -> Self {
+        Self {
+            manager,
+            encoding,
+            limits,
+        }
     }
 
     /// Answers one Predict; `served_by` is set to the version it reached, for metrics.
@@ -41,6 +61,7 @@ impl ServingApi {
         &self,
         req: PredictRequest,
         deadline: Option<Instant>,
+        budget: Option<&RequestBudget>,
         served_by: &mut Option<Arc<LoadedVersion>>,
     ) -> Result<PredictResponse, WorkerError> {
         let spec = req
@@ -54,40 +75,7 @@ impl ServingApi {
         *served_by = Some(Arc::clone(&lv));
         let (sig_name, sig) = lv.signature(&spec.signature_name)?;
 
-        let mut inputs = req.inputs;
-        let mut tensors = Vec::with_capacity(sig.inputs.len());
-        for input in &sig.inputs {
-            let proto = inputs.remove(&input.name).ok_or_else(|| {
-                WorkerError::InvalidArgument(format!(
-                    "input '{}' is missing; signature '{sig_name}' expects inputs: {}",
-                    input.name,
-                    names(&sig.inputs)
-                ))
-            })?;
-            tensors.push(codec::decode_input(input, &proto).map_err(WorkerError::InvalidArgument)?);
-        }
-        if let Some(extra) = inputs.keys().next() {
-            return Err(WorkerError::InvalidArgument(format!(
-                "input '{extra}' is not in signature '{sig_name}'; it expects inputs: {}",
-                names(&sig.inputs)
-            )));
-        }
-        if let Some(first) = tensors.first() {
-            let rows = first.shape.first().copied();
-            if let Some(bad) = tensors
-                .iter()
-                .zip(&sig.inputs)
-                .find(|(t, _)| t.shape.first().copied() != rows)
-            {
-                return Err(WorkerError::InvalidArgument(format!(
-                    "input '{}' has {} rows but input '{}' has {}; all inputs need the same dimension 0",
-                    bad.1.name,
-                    bad.0.shape.first().copied().unwrap_or(0),
-                    sig.inputs[0].name,
-                    rows.unwrap_or(0)
-                )));
-            }
-        }
+        let tensors = self.decode_inputs(&sig_name, &sig, req.inputs, &lv, budget)?;
         for name in &req.output_filter {
             if sig.output(name).is_none() {
                 return Err(WorkerError::InvalidArgument(format!(
@@ -122,6 +110,110 @@ impl ServingApi {
             model_spec: Some(answer_spec(&lv.model, lv.version, &sig_name)),
             outputs: out,
         })
+    }
+
+    /// Checks every size the inputs declare against the limits (rows, decoded bytes,
+    /// the in-flight budget) before anything proportional to them is allocated, then
+    /// decodes them in the signature's order.
+    fn decode_inputs(
+        &self,
+        sig_name: &str,
+        sig: &Signature,
+        mut inputs: HashMap<String, TensorProto>,
+        lv: &LoadedVersion,
+        budget: Option<&RequestBudget>,
+    ) -> Result<Vec<HostTensor>, WorkerError> {
+        let invalid = WorkerError::InvalidArgument;
+        let mut declared = Vec::with_capacity(sig.inputs.len());
+        for spec in &sig.inputs {
+            let proto = inputs.get(&spec.name).ok_or_else(|| {
+                invalid(format!(
+                    "input '{}' is missing; signature '{sig_name}' expects inputs: {}",
+                    spec.name,
+                    names(&sig.inputs)
+                ))
+            })?;
+            declared.push(codec::declare(spec, proto).map_err(invalid)?);
+        }
+        if let Some(extra) = inputs.keys().find(|k| sig.input(k).is_none()) {
+            return Err(invalid(format!(
+                "input '{extra}' is not in signature '{sig_name}'; it expects inputs: {}",
+                names(&sig.inputs)
+            )));
+        }
+        let batch = lv.batcher.config();
+        let mut rows = None;
+        for (d, spec) in declared.iter().zip(&sig.inputs) {
+            let name = &spec.name;
+            let Some(r) = d.rows() else {
+                return Err(invalid(format!(
+                    "input '{name}' is a scalar; requests need a batch dimension (dimension 0)"
+                )));
+            };
+            if r == 0 {
+                return Err(invalid(format!(
+                    "input '{name}' has 0 rows; a request needs at least one row"
+                )));
+            }
+            if r > batch.max_batch_size {
+                return Err(invalid(if batch.enabled {
+                    format!(
+                        "input '{name}' has {r} rows; the largest batch is {} rows (--max_batch_size)",
+                        batch.max_batch_size
+                    )
+                } else {
+                    format!(
+                        "input '{name}' has {r} rows; without batching a request may have at most {} rows",
+                        batch.max_batch_size
+                    )
+                }));
+            }
+            match rows {
+                None => rows = Some((r, name)),
+                Some((first, first_name)) if first != r => {
+                    return Err(invalid(format!(
+                        "input '{name}' has {r} rows but input '{first_name}' has {first}; all inputs need the same dimension 0"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let total = declared
+            .iter()
+            .fold(0usize, |sum, d| sum.saturating_add(d.bytes));
+        let limit = self.limits.max_request_bytes;
+        if total > limit {
+            let sizes: Vec<String> = declared
+                .iter()
+                .zip(&sig.inputs)
+                .map(|(d, spec)| {
+                    format!(
+                        "'{}' {:?} of {}: {} bytes",
+                        spec.name, d.shape, d.dtype, d.bytes
+                    )
+                })
+                .collect();
+            return Err(invalid(format!(
+                "the request's inputs take {total} bytes decoded ({}); the limit is {limit} bytes per request (--max-request-bytes)",
+                sizes.join(", ")
+            )));
+        }
+        // Values in tensor_content are shared with the message, already charged as it
+        // arrived; typed values are copied into new buffers.
+        let copied: usize = declared
+            .iter()
+            .filter(|d| !d.in_tensor_content)
+            .map(|d| d.bytes)
+            .sum();
+        if let Some(budget) = budget {
+            budget.charge(copied).map_err(WorkerError::Overloaded)?;
+        }
+        let mut tensors = Vec::with_capacity(declared.len());
+        for (spec, d) in sig.inputs.iter().zip(declared) {
+            let proto = inputs.remove(&spec.name).unwrap_or_default();
+            tensors.push(codec::decode_declared(spec, &proto, d).map_err(invalid)?);
+        }
+        Ok(tensors)
     }
 
     fn do_metadata(
@@ -311,8 +403,15 @@ impl PredictionService for ServingApi {
             code: tonic::Code::Cancelled as i32,
         };
         let deadline = request_deadline(&req);
+        // Held until the answer is built: the request's bytes stay charged meanwhile.
+        let budget = req.extensions().get::<RequestBudget>().cloned();
         let resp = self
-            .do_predict(req.into_inner(), deadline, &mut record.served_by)
+            .do_predict(
+                req.into_inner(),
+                deadline,
+                budget.as_ref(),
+                &mut record.served_by,
+            )
             .await
             .map_err(Status::from);
         record.code = resp.as_ref().map_or_else(|s| s.code() as i32, |_| 0);

@@ -205,6 +205,7 @@ impl Worker {
                 max_batch_size: 8,
                 batch_timeout: Duration::ZERO,
                 max_enqueued_batches: 16,
+                max_enqueued_bytes: usize::MAX,
                 num_batch_threads: 1,
                 allowed_batch_sizes: Vec::new(),
             },

@@ -13,10 +13,9 @@ use aspire_core::{
 };
 use aspire_proto::serving::prediction_service_client::PredictionServiceClient;
 use aspire_proto::serving::{ModelSpec, PredictRequest, model_spec::VersionChoice};
-use aspire_registry::cli::EtcdArgs;
 use aspire_registry::{MemoryRegistry, Registry};
 use aspire_router::RouterConfig;
-use aspire_router::config::DEFAULT_MAX_MESSAGE_BYTES;
+use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -56,6 +55,11 @@ impl Cluster {
     }
 
     async fn start_with(probe: Duration, metrics: bool) -> Self {
+        Self::start_with_args(probe, metrics, &[]).await
+    }
+
+    /// A router with `extra_args` on its command line.
+    pub async fn start_with_args(probe: Duration, metrics: bool, extra_args: &[&str]) -> Self {
         let metrics_listener = match metrics {
             true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             false => None,
@@ -64,19 +68,19 @@ impl Cluster {
         let registry = Arc::new(MemoryRegistry::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = RouterConfig {
-            port: addr.port(),
-            host: "127.0.0.1".into(),
-            etcd: EtcdArgs {
-                etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
-                prefix: "/aspire".into(),
-                lease_ttl: 10,
-            },
-            runtime_worker_threads: None,
-            max_message_size_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            worker_probe_interval_ms: u64::try_from(probe.as_millis()).unwrap(),
-            metrics_port: Some(0),
-        };
+        let port = addr.port().to_string();
+        let probe_ms = probe.as_millis().to_string();
+        let mut args = vec![
+            "aspire-router",
+            "--host=127.0.0.1",
+            "--port",
+            &port,
+            "--worker-probe-interval-ms",
+            &probe_ms,
+            "--metrics-port=0",
+        ];
+        args.extend_from_slice(extra_args);
+        let config = RouterConfig::try_parse_from(args).expect("router flags");
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_registry: Arc<dyn Registry> = registry.clone();
         let task = tokio::spawn(async move {

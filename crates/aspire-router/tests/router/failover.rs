@@ -182,10 +182,10 @@ async fn other_errors_go_back_as_they_came_without_retry() {
     cluster.register(&a, &[(1, Available)]).await;
     cluster.register(&b, &[(1, Available)]).await;
     warm_up(&cluster, &a, &b).await;
+    // RESOURCE_EXHAUSTED is the one code a worker answers that is retried (see below).
     for code in [
         Code::InvalidArgument,
         Code::NotFound,
-        Code::ResourceExhausted,
         Code::DeadlineExceeded,
         Code::Internal,
         Code::Unknown,
@@ -258,4 +258,56 @@ async fn a_worker_that_drops_the_connection_mid_call_costs_no_request() {
     let tried = accepted.load(std::sync::atomic::Ordering::SeqCst);
     // Tried once (it is picked half the time), then skipped.
     assert_eq!(tried, 1, "the crashing worker was tried {tried} times");
+}
+
+#[tokio::test]
+async fn a_shed_request_is_retried_once_on_another_worker_with_the_version() {
+    let cluster = Cluster::start().await;
+    let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
+    cluster.model("m", &[1], &[1]).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    cluster.register(&b, &[(1, Available)]).await;
+    warm_up(&cluster, &a, &b).await;
+    let mut client = cluster.client();
+    // One busy worker: every request is answered, by the other one when it lands on `a`.
+    a.state.set_mode(Mode::Fail(Code::ResourceExhausted));
+    let (ca, cb) = (a.state.calls(), b.state.calls());
+    for i in 0..20 {
+        let (worker, _) = predict(&mut client, "m", None).await.unwrap();
+        assert_eq!(worker, "b", "request {i}");
+    }
+    let shed = a.state.calls() - ca;
+    assert!(shed > 0, "a was never picked");
+    assert_eq!(b.state.calls() - cb, 20);
+    // `a` was not marked down for it: once it has room it gets traffic again.
+    a.state.set_mode(Mode::Normal);
+    warm_up(&cluster, &a, &b).await;
+    // Both busy: tried twice, never more, and the client gets the worker's own status.
+    a.state.set_mode(Mode::Fail(Code::ResourceExhausted));
+    b.state.set_mode(Mode::Fail(Code::ResourceExhausted));
+    let calls = a.state.calls() + b.state.calls();
+    let err = predict(&mut client, "m", None).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().ends_with("fails on purpose"), "{err:?}");
+    assert_eq!(a.state.calls() + b.state.calls(), calls + 2);
+}
+
+#[tokio::test]
+async fn a_shed_request_is_not_retried_on_another_version() {
+    let cluster = Cluster::start().await;
+    let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
+    cluster.model("m", &[1, 2], &[1, 2]).await;
+    cluster.register(&a, &[(2, Available)]).await;
+    cluster.register(&b, &[(1, Available)]).await;
+    let mut client = cluster.client();
+    eventually_default_version(&mut client, "m", 2).await;
+    a.state.set_mode(Mode::Fail(Code::ResourceExhausted));
+    let cb = b.state.calls();
+    let err = predict(&mut client, "m", None).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        b.state.calls(),
+        cb,
+        "b has another version; it must not be asked"
+    );
 }

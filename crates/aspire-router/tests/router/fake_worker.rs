@@ -48,6 +48,8 @@ pub struct Received {
     pub body: Bytes,
     /// Its `grpc-timeout` header.
     pub timeout: Option<String>,
+    /// Every header it came with.
+    pub metadata: tonic::metadata::MetadataMap,
 }
 
 /// What tests look at and switch.
@@ -196,10 +198,12 @@ impl UnaryService<Bytes> for FakePredict {
                 .metadata()
                 .get("grpc-timeout")
                 .map(|v| v.to_str().unwrap().to_string());
+            let metadata = req.metadata().clone();
             let body = req.into_inner();
             state.received.lock().unwrap().push(Received {
                 body: body.clone(),
                 timeout,
+                metadata,
             });
             state.calls.fetch_add(1, Ordering::SeqCst);
             let mode = *state.mode.lock().unwrap();

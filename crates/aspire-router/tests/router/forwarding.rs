@@ -288,3 +288,159 @@ async fn shutdown_finishes_requests_in_flight() {
     let err = predict(&mut cluster.client(), "m", None).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
+
+#[tokio::test]
+async fn client_metadata_reaches_the_worker_without_hop_headers() {
+    let cluster = Cluster::start().await;
+    let a = FakeWorker::start("a").await;
+    cluster.model("m", &[1], &[1]).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    let mut client = cluster.client();
+    eventually_default_version(&mut client, "m", 1).await;
+    let mut request = tonic::Request::new(PredictRequest {
+        model_spec: Some(spec("m", None)),
+        ..Default::default()
+    });
+    let m = request.metadata_mut();
+    m.insert("authorization", "Bearer secret-token".parse().unwrap());
+    m.insert("x-request-id", "req-42".parse().unwrap());
+    m.insert("x-aspire-route", "forged".parse().unwrap());
+    m.insert_bin(
+        "tenant-bin",
+        tonic::metadata::MetadataValue::from_bytes(&[0, 1, 2]),
+    );
+    client.predict(request).await.unwrap();
+    let got = a.state.last().metadata;
+    assert_eq!(got.get("authorization").unwrap(), "Bearer secret-token");
+    assert_eq!(got.get("x-request-id").unwrap(), "req-42");
+    assert_eq!(
+        got.get_bin("tenant-bin")
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .as_ref(),
+        &[0, 1, 2]
+    );
+    assert!(got.get("x-aspire-route").is_none(), "{got:?}");
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_and_never_forwarded() {
+    let cluster = Cluster::start_with_args(
+        Duration::from_secs(60),
+        false,
+        &[
+            "--max-message-size-bytes=100000",
+            "--max-inflight-bytes=100000",
+        ],
+    )
+    .await;
+    let a = FakeWorker::start("a").await;
+    cluster.model("m", &[1], &[1]).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    let mut client = cluster.client();
+    eventually_default_version(&mut client, "m", 1).await;
+    let calls = a.state.calls();
+    let request = PredictRequest {
+        model_spec: Some(spec("m", None)),
+        inputs: HashMap::from([(
+            "images".to_string(),
+            TensorProto {
+                dtype: 1,
+                tensor_content: Bytes::from(vec![1u8; 200_000]),
+                ..Default::default()
+            },
+        )]),
+        output_filter: vec![],
+    };
+    let err = client.predict(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("at most 100000 bytes (--max-message-size-bytes)"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(a.state.calls(), calls, "the worker saw it");
+    // The router still serves.
+    predict(&mut client, "m", None).await.unwrap();
+}
+
+#[tokio::test]
+async fn past_the_in_flight_budget_the_router_sheds_at_once() {
+    let cluster = Cluster::start_with_args(
+        Duration::from_secs(60),
+        false,
+        &[
+            "--max-message-size-bytes=300000",
+            "--max-inflight-bytes=500000",
+        ],
+    )
+    .await;
+    let a = FakeWorker::start("a").await;
+    cluster.model("m", &[1], &[1]).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    let mut client = cluster.client();
+    eventually_default_version(&mut client, "m", 1).await;
+    let request = || PredictRequest {
+        model_spec: Some(spec("m", None)),
+        inputs: HashMap::from([(
+            "images".to_string(),
+            TensorProto {
+                dtype: 1,
+                tensor_content: Bytes::from(vec![1u8; 200_000]),
+                ..Default::default()
+            },
+        )]),
+        output_filter: vec![],
+    };
+    // Two held by a hanging worker take 400 kB of the 500 kB budget.
+    a.state.set_mode(Mode::Hang);
+    let base = a.state.calls();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = cluster.client();
+            let r = request();
+            tokio::spawn(async move { client.predict(r).await })
+        })
+        .collect();
+    eventually("both held requests reach the worker", || {
+        let a = &a;
+        async move {
+            (a.state.calls() >= base + 2)
+                .then_some(())
+                .ok_or(format!("{} calls", a.state.calls()))
+        }
+    })
+    .await;
+    let calls = a.state.calls();
+    let started = std::time::Instant::now();
+    let err = client.predict(request()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("the router's in-flight request budget is full")
+            && err.message().contains("(--max-inflight-bytes)"),
+        "{}",
+        err.message()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(a.state.calls(), calls, "a shed request was forwarded");
+    // Small requests still fit; once the held ones end, large ones pass again.
+    a.state.set_mode(Mode::Normal);
+    predict(&mut client, "m", None).await.unwrap();
+    for h in held {
+        h.abort();
+    }
+    eventually("the budget is given back", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .predict(request())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+}

@@ -22,6 +22,8 @@ pub(super) struct Item {
     pub signature: Arc<Signature>,
     pub inputs: Vec<HostTensor>,
     pub rows: usize,
+    /// Bytes of its inputs.
+    pub bytes: usize,
     pub deadline: Option<Instant>,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Reply>,
@@ -102,6 +104,8 @@ struct State {
     queue: VecDeque<Item>,
     /// Rows of every item in `queue`.
     rows: usize,
+    /// Input bytes of every item in `queue`.
+    bytes: usize,
     /// No new items; the batch threads drain the queue, then the pool lets it go.
     closed: bool,
     /// Batches taken from this queue and not yet answered.
@@ -157,6 +161,7 @@ impl Shared {
             state: Mutex::new(State {
                 queue: VecDeque::with_capacity(capacity.min(1024)),
                 rows: 0,
+                bytes: 0,
                 closed: false,
                 running: 0,
                 detached: false,
@@ -189,7 +194,16 @@ impl Shared {
                 capacity: self.capacity,
             });
         }
+        // A lone request always fits, so that a limit below one request never wedges.
+        if state.bytes > 0 && state.bytes + item.bytes > self.config.max_enqueued_bytes {
+            return Err(BatchError::QueueBytesFull {
+                queued: state.bytes,
+                bytes: item.bytes,
+                capacity: self.config.max_enqueued_bytes,
+            });
+        }
         state.rows += item.rows;
+        state.bytes += item.bytes;
         state.metrics.set_queue_rows(state.rows);
         state.queue.push_back(item);
         drop(state);
@@ -208,6 +222,7 @@ impl Shared {
         state.closed = true;
         let discarded = if discard {
             state.rows = 0;
+            state.bytes = 0;
             state.metrics.set_queue_rows(0);
             state.queue.drain(..).collect()
         } else {
@@ -299,6 +314,7 @@ impl Shared {
 impl State {
     fn remove_rows(&mut self, item: &Item) {
         self.rows -= item.rows;
+        self.bytes -= item.bytes;
         self.metrics.set_queue_rows(self.rows);
     }
 
