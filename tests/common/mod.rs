@@ -140,6 +140,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Whether it has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -232,6 +237,11 @@ impl Server {
         self.process.log()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         self.process.terminate()
@@ -283,4 +293,30 @@ pub fn copy_dir(src: &Path, dst: &Path) {
             std::fs::copy(entry.path(), &to).expect("copy");
         }
     }
+}
+
+/// The resident set size of process `pid` in bytes (`VmRSS` in /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// The sum of every sample of the Prometheus counter `name` whose labels include
+/// `label="value"`, scraped from `http://addr/metrics`.
+pub fn scrape_sum(addr: &str, name: &str, label: &str, value: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read metrics");
+    let wanted = format!("{label}=\"{value}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&wanted))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

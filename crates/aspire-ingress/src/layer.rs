@@ -187,10 +187,10 @@ impl http_body::Body for CheckedBody {
             Some(Ok(frame)) => frame,
             other => return Poll::Ready(other),
         };
-        if let Some(data) = frame.data_ref() {
-            if let Err(status) = this.check(data) {
-                return Poll::Ready(Some(Err(status)));
-            }
+        if let Some(data) = frame.data_ref()
+            && let Err(status) = this.check(data)
+        {
+            return Poll::Ready(Some(Err(status)));
         }
         Poll::Ready(Some(Ok(frame)))
     }
