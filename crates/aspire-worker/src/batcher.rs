@@ -674,6 +674,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_as_well_as_rows() {
+        // Room for 400 rows, but only 64 bytes of inputs: 2 x 2 floats is 16 bytes.
+        let config = BatchConfig {
+            max_enqueued_batches: 100,
+            max_enqueued_bytes: 64,
+            ..config(4)
+        };
+        let (fake, gate, b) = held(config).await;
+        // The batch thread is held; the queue fills up to 4 x 16 bytes.
+        let queued = [
+            enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await,
+            enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await,
+            enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await,
+            enqueue(&b, sig(), vec![tensor(2, 2, 0.0)], None).await,
+        ];
+        let refused = b
+            .submit(sig(), vec![tensor(1, 2, 0.0)], None)
+            .now_or_never();
+        assert_eq!(
+            refused,
+            Some(Err(BatchError::QueueBytesFull {
+                queued: 64,
+                bytes: 8,
+                capacity: 64
+            }))
+        );
+        let message = refused.unwrap().unwrap_err().to_string();
+        assert!(message.contains("(--max-enqueued-bytes)"), "{message}");
+        gate.release();
+        for p in queued {
+            assert!(finish(p).await.is_ok());
+        }
+        // Drained: the bytes were given back.
+        assert!(b.submit(sig(), vec![tensor(1, 2, 0.0)], None).await.is_ok());
+        assert_eq!(fake.batch_sizes(), vec![1, 4, 4, 1]);
+    }
+
+    #[tokio::test]
     async fn too_large_is_rejected_at_once() {
         let fake = Arc::new(Fake::default());
         let b = Batcher::new(fake.clone(), config(4));

@@ -158,7 +158,7 @@ impl ServingApi {
             if r > batch.max_batch_size {
                 return Err(invalid(if batch.enabled {
                     format!(
-                        "input '{name}' has {r} rows; the largest batch is {} rows (--max_batch_size)",
+                        "input '{name}' has {r} rows; the largest batch is {} rows (max_batch_size, from --max-batch-size or --batching_parameters_file)",
                         batch.max_batch_size
                     )
                 } else {
