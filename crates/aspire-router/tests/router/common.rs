@@ -71,6 +71,7 @@ impl Cluster {
                 etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
                 prefix: "/aspire".into(),
                 lease_ttl: 10,
+                security: Default::default(),
             },
             runtime_worker_threads: None,
             max_message_size_bytes: DEFAULT_MAX_MESSAGE_BYTES,
