@@ -161,7 +161,9 @@ async fn root_client(server: &EtcdServer, pki: &Pki, with_password: bool) -> Cli
         .assume_http2(true);
     let mut options = ConnectOptions::new().with_tls(tls);
     if with_password {
-        options = options.with_user("root", ROOT_PASSWORD);
+        options = options
+            .with_user("root", ROOT_PASSWORD)
+            .with_auto_token_refresh(true);
     }
     Client::connect([server.endpoint()], Some(options))
         .await
@@ -416,6 +418,21 @@ async fn the_role_recipe_lets_each_service_write_only_its_own_keys() {
             "case {i}: {result:?}"
         );
     }
+    // The same worker by its certificate alone: etcd takes the user from its common name.
+    let by_cert = connect(&server, "/prod", &tls_flags(&pki, "aspire-worker")).await;
+    by_cert
+        .put_worker("w2", &worker("10.0.0.2:9000"))
+        .await
+        .expect("a worker registers as its certificate's common name");
+    let err = by_cert
+        .set_pinned(&mnist, Some("2"))
+        .await
+        .expect_err("nor may it pin by certificate");
+    let text = err.to_string();
+    assert!(
+        text.contains("denied put /prod/models/mnist/pinned to the user named by this client certificate's common name"),
+        "{text}"
+    );
     // The pin is still the operator's.
     let state = router.state().await.expect("router reads");
     assert_eq!(state.models[&mnist].pinned.as_deref(), Some("1"));
@@ -432,6 +449,20 @@ async fn tokens_that_expire_or_vanish_in_a_restart_are_renewed() {
     enable_auth(&server, &pki).await;
     add_user(&server, &pki, "svc", "pw", "/tok/").await;
     let r = connect(&server, "/tok", &user_flags(&pki, "svc", "pw")).await;
+    // A worker whose lease (2 s) is kept alive across token expiries: the keep-alives must
+    // keep the same lease, not let it lapse and re-register.
+    let mut worker_flags = user_flags(&pki, "svc", "pw");
+    worker_flags.push("--lease-ttl=2".to_string());
+    let w = connect(&server, "/tok", &worker_flags).await;
+    w.put_worker("w1", &worker("10.0.0.1:1"))
+        .await
+        .expect("register");
+    let mut root = root_client(&server, &pki, true).await;
+    let lease_of_w1 = |mut c: Client| async move {
+        let resp = c.get("/tok/workers/w1", None).await.expect("get w1");
+        resp.kvs().first().map(|kv| kv.lease())
+    };
+    let lease_before = lease_of_w1(root.clone()).await.expect("w1 registered");
     // Connected after `r` and never used since, like `r`'s token: once this one is
     // refused, `r`'s has expired too.
     let probe_token_holder = {
@@ -450,6 +481,11 @@ async fn tokens_that_expire_or_vanish_in_a_restart_are_renewed() {
     r.put_available(&model("after_expiry"), &AvailableVersions::default())
         .await
         .expect("a put with an expired token re-authenticates and succeeds");
+    assert_eq!(
+        lease_of_w1(root.clone()).await,
+        Some(lease_before),
+        "w1 kept its lease past the token's expiry"
+    );
 
     // etcd keeps simple tokens in memory: after a restart every token is unknown.
     server.restart().expect("restart etcd");
@@ -474,6 +510,24 @@ async fn tokens_that_expire_or_vanish_in_a_restart_are_renewed() {
             && s.models.contains_key(&model("after_restart"))
     })
     .await;
+
+    // A changed password drops the user's tokens; logging in again with the old one fails
+    // with a sentence, not a panic or a hang.
+    root = root_client(&server, &pki, true).await;
+    root.user_change_password("svc", "new-pw")
+        .await
+        .expect("change password");
+    let err = r
+        .put_available(&model("after_change"), &AvailableVersions::default())
+        .await
+        .expect_err("the old password no longer works");
+    let text = err.to_string();
+    assert!(matches!(err, RegistryError::Denied(_)), "{err:?}");
+    assert!(
+        text.contains("refused put /tok/models/after_change/available from user 'svc'"),
+        "{text}"
+    );
+    assert!(text.contains("authentication failed"), "{text}");
 }
 
 #[tokio::test]
