@@ -6,6 +6,7 @@
 
 mod conn;
 mod lease;
+mod security;
 mod watcher;
 
 use std::fmt;
@@ -22,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{Registry, RegistryError, Result, encode_json};
 use conn::Conn;
 use lease::WorkerLease;
+pub(crate) use security::is_https;
+pub use security::{EtcdAuth, EtcdSecurity, EtcdTls};
 
 /// How an [`EtcdRegistry`] talks to etcd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +70,29 @@ impl fmt::Debug for EtcdRegistry {
 }
 
 impl EtcdRegistry {
-    /// Connects to etcd at `endpoints` (`http://host:port`), checks that one answers, reads
-    /// every key under `schema`'s prefix and starts watching it. Fails with a sentence
-    /// naming the endpoints when none answers within `options.op_timeout`.
+    /// Connects to etcd at `endpoints` (`http://host:port`) over plaintext without
+    /// credentials, checks that one answers, reads every key under `schema`'s prefix and
+    /// starts watching it. Fails with a sentence naming the endpoints when none answers
+    /// within `options.op_timeout`.
     pub async fn connect(
         endpoints: &[String],
         schema: KeySchema,
         options: EtcdOptions,
     ) -> Result<Self> {
-        let conn = Conn::connect(endpoints, options.op_timeout).await?;
+        Self::connect_with_security(endpoints, schema, options, &EtcdSecurity::default()).await
+    }
+
+    /// Like [`Self::connect`], with TLS (`https://` endpoints) and an etcd user as
+    /// `security` says. Fails with [`RegistryError::Config`] when the endpoints and the
+    /// TLS settings disagree, [`RegistryError::Denied`] when etcd refuses the user, and
+    /// [`RegistryError::Unavailable`] (naming TLS when that is the cause) otherwise.
+    pub async fn connect_with_security(
+        endpoints: &[String],
+        schema: KeySchema,
+        options: EtcdOptions,
+        security: &EtcdSecurity,
+    ) -> Result<Self> {
+        let conn = Conn::connect(endpoints, options.op_timeout, security).await?;
         // Read before the first subscriber exists, so no role ever sees an empty state
         // that only means "not listed yet" (a router would think no worker is up).
         let (state, revision) = watcher::list(&conn, &schema).await?;

@@ -4,6 +4,10 @@
 //!
 //! Synchronous on purpose (std only), so scripts and any test harness can use it; a start
 //! blocks for the ~50 ms etcd takes to become healthy.
+//!
+//! [`EtcdServer::start_with`] serves the client port over TLS (optionally demanding client
+//! certificates) and passes extra flags; health is then polled on a separate plaintext
+//! metrics port (`--listen-metrics-urls`), which serves `/health` without TLS.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -20,12 +24,42 @@ pub const ETCD_BIN_ENV: &str = "ASPIRE_ETCD_BIN";
 /// How long etcd may take to answer healthy after it was started.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(15);
 
+/// TLS on a test etcd's client port: PEM files made by the test.
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    /// etcd's server certificate (`--cert-file`); it must name `127.0.0.1` (or whatever
+    /// name clients expect).
+    pub cert_file: PathBuf,
+    /// Its private key (`--key-file`).
+    pub key_file: PathBuf,
+    /// The CA that client certificates must be signed by (`--trusted-ca-file`).
+    pub trusted_ca_file: PathBuf,
+    /// Refuse clients without such a certificate (`--client-cert-auth`). With auth
+    /// enabled, etcd then takes the user of a request without a token from its client
+    /// certificate's common name.
+    pub client_cert_auth: bool,
+}
+
+/// How [`EtcdServer::start_with`] starts etcd. The default is what [`EtcdServer::start`]
+/// does.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdServerOptions {
+    /// Serve clients over TLS.
+    pub tls: Option<EtcdServerTls>,
+    /// More etcd flags, e.g. `--auth-token-ttl=2`.
+    pub extra_args: Vec<String>,
+}
+
 /// A running (or stopped) single-node etcd.
 #[derive(Debug)]
 pub struct EtcdServer {
     bin: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Plaintext port serving `/health` (and metrics), polled for health because the
+    /// client port may be TLS.
+    metrics_port: u16,
+    options: EtcdServerOptions,
     // Declared last among the paths: it deletes the data dir on drop, after `Drop::drop`
     // killed the process that writes there.
     dir: TempDir,
@@ -36,17 +70,24 @@ impl EtcdServer {
     /// Starts etcd on free loopback ports with a fresh data dir and waits until it is
     /// healthy. Fails with a sentence (the binary is missing, or etcd's log tail).
     pub fn start() -> Result<Self, String> {
+        Self::start_with(EtcdServerOptions::default())
+    }
+
+    /// Like [`Self::start`], with TLS and extra flags as `options` say.
+    pub fn start_with(options: EtcdServerOptions) -> Result<Self, String> {
         let bin =
             std::env::var_os(ETCD_BIN_ENV).map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
         let dir = tempfile::Builder::new()
             .prefix("aspire-etcd-")
             .tempdir()
             .map_err(|e| format!("cannot create a data dir for etcd: {e}"))?;
-        let (client_port, peer_port) = free_ports()?;
+        let [client_port, peer_port, metrics_port] = free_port_array()?;
         let mut server = Self {
             bin,
             client_port,
             peer_port,
+            metrics_port,
+            options,
             dir,
             child: None,
         };
@@ -54,9 +95,25 @@ impl EtcdServer {
         Ok(server)
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL: `http://127.0.0.1:PORT`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The plaintext URL serving `/health` and `/metrics`, `http://127.0.0.1:PORT`.
+    pub fn metrics_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.metrics_port)
+    }
+
+    /// The data dir's parent, a temporary directory removed on drop; tests may keep
+    /// their own files (certificates, passwords) there.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The etcd process id, while it runs.
@@ -82,7 +139,8 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
+        let metrics = self.metrics_endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log_path = self.dir.path().join("etcd.log");
         let log = File::options()
@@ -93,7 +151,18 @@ impl EtcdServer {
         let log_err = log
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(tls) = &self.options.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert_file.display()))
+                .arg(format!("--key-file={}", tls.key_file.display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    tls.trusted_ca_file.display()
+                ))
+                .arg(format!("--client-cert-auth={}", tls.client_cert_auth));
+        }
+        let child = command
             .arg("--name=n1")
             .arg(format!(
                 "--data-dir={}",
@@ -104,9 +173,11 @@ impl EtcdServer {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=n1={peer}"))
+            .arg(format!("--listen-metrics-urls={metrics}"))
             // A single node elects itself in ~50 ms instead of ~1 s with these.
             .args(["--heartbeat-interval=10", "--election-timeout=100"])
             .arg("--log-level=warn")
+            .args(&self.options.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -127,7 +198,8 @@ impl EtcdServer {
     }
 
     fn wait_healthy(&mut self, log_path: &Path) -> Result<(), String> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
+        // The metrics port is plaintext even when the client port is TLS.
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
         let deadline = Instant::now() + HEALTHY_WITHIN;
         loop {
             let exited = self
@@ -163,17 +235,21 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Two distinct free loopback ports. Both listeners stay open until both are chosen, so
+/// `N` distinct free loopback ports. Every listener stays open until all are chosen, so
 /// the OS cannot hand out the same port twice.
-fn free_ports() -> Result<(u16, u16), String> {
-    let bind = || {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| Ok((l.local_addr()?.port(), l)))
-            .map_err(|e| format!("cannot find a free loopback port: {e}"))
-    };
-    let (client, _client_listener) = bind()?;
-    let (peer, _peer_listener) = bind()?;
-    Ok((client, peer))
+fn free_port_array<const N: usize>() -> Result<[u16; N], String> {
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
+        *port = listener
+            .local_addr()
+            .map_err(|e| format!("cannot find a free loopback port: {e}"))?
+            .port();
+        listeners.push(listener);
+    }
+    Ok(ports)
 }
 
 /// `GET /health` over HTTP/1.0: etcd answers `{"health":"true"}` once it has a leader.
@@ -208,25 +284,27 @@ mod tests {
 
     #[test]
     fn free_ports_are_distinct() {
-        let (a, b) = free_ports().expect("ports");
-        assert_ne!(a, b);
+        let [a, b, c] = free_port_array().expect("ports");
+        assert!(a != b && b != c && a != c, "{a} {b} {c}");
         assert_ne!(a, 0);
     }
 
     #[test]
     fn nothing_listening_is_not_healthy() {
-        let (port, _) = free_ports().expect("ports");
+        let [port] = free_port_array().expect("ports");
         assert!(!is_healthy(SocketAddr::from(([127, 0, 0, 1], port))));
     }
 
     #[test]
     fn a_missing_binary_says_how_to_install_etcd() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (client_port, peer_port) = free_ports().expect("ports");
+        let [client_port, peer_port, metrics_port] = free_port_array().expect("ports");
         let mut server = EtcdServer {
             bin: dir.path().join("no-such-etcd"),
             client_port,
             peer_port,
+            metrics_port,
+            options: EtcdServerOptions::default(),
             dir,
             child: None,
         };

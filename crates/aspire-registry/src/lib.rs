@@ -19,7 +19,7 @@ use aspire_core::{AspiredVersions, AvailableVersions, ClusterState, ModelName, W
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-pub use etcd::{EtcdOptions, EtcdRegistry};
+pub use etcd::{EtcdAuth, EtcdOptions, EtcdRegistry, EtcdSecurity, EtcdTls};
 pub use memory::MemoryRegistry;
 
 /// Why a registry call failed.
@@ -31,6 +31,13 @@ pub enum RegistryError {
     /// A value could not be encoded.
     #[error("registry value could not be encoded: {0}")]
     Encode(String),
+    /// The store refused this client: wrong credentials, or its roles do not permit the
+    /// call. Retrying with the same settings does not help.
+    #[error("registry access denied: {0}")]
+    Denied(String),
+    /// The connection settings contradict each other or name a file that cannot be used.
+    #[error("invalid registry settings: {0}")]
+    Config(String),
 }
 
 /// Result of registry calls.

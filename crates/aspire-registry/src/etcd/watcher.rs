@@ -168,9 +168,13 @@ mod tests {
     #[tokio::test]
     async fn a_watch_behind_a_compaction_lists_again() {
         let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
-        let conn = Conn::connect(&[server.endpoint()], Duration::from_secs(2))
-            .await
-            .expect("connect");
+        let conn = Conn::connect(
+            &[server.endpoint()],
+            Duration::from_secs(2),
+            &crate::EtcdSecurity::default(),
+        )
+        .await
+        .expect("connect");
         let schema = KeySchema::new("/compacted");
         let mut kv = conn.client().kv_client();
         let record = |address: &str| {
