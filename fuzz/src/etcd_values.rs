@@ -61,7 +61,10 @@ fn check_key(schema: &KeySchema, key: &str) {
             assert_eq!(schema.worker_key(&id), key);
         }
         Some(ParsedKey::Unknown(why)) => assert!(!why.is_empty()),
-        None => assert!(!key.starts_with(&schema.root()), "{key:?} is under the prefix"),
+        None => assert!(
+            !key.starts_with(&schema.root()),
+            "{key:?} is under the prefix"
+        ),
     }
 }
 
@@ -113,7 +116,10 @@ fn check_state(state: &ClusterState) {
                 check_version(v.version);
                 let json = serde_json::to_vec(&v.signatures).expect("serializes");
                 if let Err(e) = SignatureMap::from_json(&json) {
-                    panic!("{model} v{}: the registry's signatures fail: {e}", v.version);
+                    panic!(
+                        "{model} v{}: the registry's signatures fail: {e}",
+                        v.version
+                    );
                 }
             }
         }
@@ -125,7 +131,10 @@ fn check_state(state: &ClusterState) {
         if desired.source == DesiredSource::Pinned {
             assert!(desired.pin_problem.is_none());
             assert!(!desired.versions.is_empty(), "{model}: an empty pin");
-            assert!(desired.versions.windows(2).all(|w| w[0] < w[1]), "{desired:?}");
+            assert!(
+                desired.versions.windows(2).all(|w| w[0] < w[1]),
+                "{desired:?}"
+            );
             let available = entry.available.as_ref().expect("a pin needs available");
             assert!(desired.versions.iter().all(|v| available.get(*v).is_some()));
         }

@@ -38,7 +38,10 @@ pub fn check(data: &[u8]) {
     let tensor = match result {
         Ok(tensor) => tensor,
         Err(e) => {
-            assert!(e.contains(&format!("'{NAME}'")), "error names no input: {e}");
+            assert!(
+                e.contains(&format!("'{NAME}'")),
+                "error names no input: {e}"
+            );
             return;
         }
     };
@@ -65,7 +68,7 @@ pub fn check(data: &[u8]) {
 /// The one place to change when `decode_input` takes the limit itself: pass it, and
 /// return `Some` always.
 fn decode(spec: &TensorSpec, proto: &TensorProto) -> Option<Result<HostTensor, String>> {
-    let dims = proto.tensor_shape.iter().flat_map(|s| &s.dim);
+    let mut dims = proto.tensor_shape.iter().flat_map(|s| &s.dim);
     let bytes = dims.try_fold(spec.dtype.size(), |acc, d| {
         acc.checked_mul(usize::try_from(d.size).unwrap_or(0))
     });

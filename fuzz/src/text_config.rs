@@ -10,11 +10,13 @@
 //! parameters, printed as text format, parse to the same message.
 
 use std::collections::BTreeSet;
+use std::sync::OnceLock;
 
 use aspire_core::{Version, VersionPolicy};
 use aspire_discovery::model_config::parse_model_config_file;
 use aspire_proto::serving::BatchingParameters;
 use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 
 const BATCHING: &str = "tensorflow.serving.BatchingParameters";
 
@@ -33,7 +35,11 @@ fn check_model_config(text: &str) {
     assert_eq!(names.len(), models.len(), "duplicate model names");
     let some_versions: Vec<Version> = [1, 2, 3, 7].into_iter().filter_map(Version::new).collect();
     for m in &models {
-        assert!(!m.base_path.trim().is_empty(), "{}: empty base_path", m.name);
+        assert!(
+            !m.base_path.trim().is_empty(),
+            "{}: empty base_path",
+            m.name
+        );
         for (label, v) in &m.version_labels {
             assert!(!label.is_empty());
             assert!(v.get() >= 1);
@@ -55,10 +61,14 @@ fn check_batching(text: &str) {
     let Ok(params) = aspire_proto::parse_text_format::<BatchingParameters>(BATCHING, text) else {
         return;
     };
-    let pool = prost_reflect::DescriptorPool::decode(aspire_proto::FILE_DESCRIPTOR_SET)
-        .expect("the embedded descriptors decode");
-    let desc = pool.get_message_by_name(BATCHING).expect("known message");
-    let mut dynamic = prost_reflect::DynamicMessage::new(desc);
+    static DESCRIPTOR: OnceLock<MessageDescriptor> = OnceLock::new();
+    let desc = DESCRIPTOR.get_or_init(|| {
+        DescriptorPool::decode(aspire_proto::FILE_DESCRIPTOR_SET)
+            .expect("the embedded descriptors decode")
+            .get_message_by_name(BATCHING)
+            .expect("known message")
+    });
+    let mut dynamic = DynamicMessage::new(desc.clone());
     dynamic
         .merge(params.encode_to_vec().as_slice())
         .expect("prost's encoding decodes");

@@ -40,11 +40,17 @@ pub fn check(data: &[u8]) {
     let at_once = forwarded.clone().copy_to_bytes(forwarded.remaining());
     assert_eq!(
         at_once.len(),
-        new_spec.encoded_len() + 1 + prost::encoding::encoded_len_varint(new_spec.encoded_len() as u64)
+        new_spec.encoded_len()
+            + 1
+            + prost::encoding::encoded_len_varint(new_spec.encoded_len() as u64)
             + split.other_fields.len()
     );
     let step = usize::from(data.first().copied().unwrap_or(1) % 7) + 1;
-    assert_eq!(read_in_steps(forwarded, step), at_once, "stepwise read differs");
+    assert_eq!(
+        read_in_steps(forwarded, step),
+        at_once,
+        "stepwise read differs"
+    );
     if let Ok(mut expected) = decoded {
         let back = PredictRequest::decode(at_once).expect("the forwarded request decodes");
         expected.model_spec = Some(new_spec);

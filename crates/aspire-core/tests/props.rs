@@ -47,22 +47,17 @@ fn tensor_spec(name: String) -> impl Strategy<Value = TensorSpec> {
 }
 
 fn specs() -> impl Strategy<Value = Vec<TensorSpec>> {
-    prop::collection::btree_set("[a-z_][a-z0-9_]{0,8}", 1..4).prop_flat_map(|names| {
-        names
-            .into_iter()
-            .map(tensor_spec)
-            .collect::<Vec<_>>()
-    })
+    prop::collection::btree_set("[a-z_][a-z0-9_]{0,8}", 1..4)
+        .prop_flat_map(|names| names.into_iter().map(tensor_spec).collect::<Vec<_>>())
 }
 
 fn signature_map() -> impl Strategy<Value = SignatureMap> {
-    let signature = ("[a-z_]{1,10}", specs(), specs()).prop_map(|(method, inputs, outputs)| {
-        Signature {
+    let signature =
+        ("[a-z_]{1,10}", specs(), specs()).prop_map(|(method, inputs, outputs)| Signature {
             method,
             inputs,
             outputs,
-        }
-    });
+        });
     prop::collection::btree_map("[a-z_]{1,12}", signature, 1..3)
         .prop_map(|signatures| SignatureMap { signatures })
 }
@@ -80,7 +75,10 @@ fn mutated(json: String, at: usize, how: u8, with: char) -> String {
 }
 
 fn check_version(v: Version) {
-    assert!(v.get() >= 1 && i64::try_from(v.get()).is_ok(), "version {v}");
+    assert!(
+        v.get() >= 1 && i64::try_from(v.get()).is_ok(),
+        "version {v}"
+    );
 }
 
 proptest! {

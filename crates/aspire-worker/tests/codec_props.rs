@@ -63,7 +63,10 @@ fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
 /// A request tensor of any dtype number and small shape, with values in any field.
 fn tensor_proto() -> impl Strategy<Value = TensorProto> {
     (
-        prop_oneof![(0..DType::ALL.len()).prop_map(|i| DType::ALL[i].tf_number()), 0..30i32],
+        prop_oneof![
+            (0..DType::ALL.len()).prop_map(|i| DType::ALL[i].tf_number()),
+            0..30i32
+        ],
         prop::option::of(prop::collection::vec(-2..6i64, 0..4)),
         prop::collection::vec(any::<u8>(), 0..48),
         prop::collection::vec(any::<f32>(), 0..6),
