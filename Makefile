@@ -40,6 +40,13 @@ test: setup ## Install what is missing, then run every test, clippy and rustfmt
 bench: setup ## Benchmark on loopback (direct/router, batching off/on, ceilings) into BENCHMARKS.md; BENCH_SECONDS=5 per run
 	@bash scripts/bench.sh
 
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= tensor_codec wire_split signature_json etcd_values text_config
+
+.PHONY: fuzz
+fuzz: setup ## Fuzz every parser of untrusted input, FUZZ_SECONDS=60 each (FUZZ_TARGETS=... for some); not part of make test
+	@bash scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all

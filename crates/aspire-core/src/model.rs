@@ -72,8 +72,11 @@ impl From<ModelName> for String {
 }
 
 /// A model version: a positive integer, the name of its directory in storage.
+///
+/// Serialized as a number; deserializing checks it as [`FromStr`] does (1 to
+/// `i64::MAX`), since registry values come from the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct Version(u64);
 
 /// Why a version number was refused.
@@ -103,6 +106,24 @@ impl Version {
     /// The number as protobuf's `int64` (versions above `i64::MAX` are refused on parse).
     pub fn as_i64(self) -> i64 {
         i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
+}
+
+impl TryFrom<u64> for Version {
+    type Error = InvalidVersion;
+    fn try_from(v: u64) -> Result<Self, Self::Error> {
+        i64::try_from(v)
+            .ok()
+            .and_then(Self::from_i64)
+            .ok_or_else(|| InvalidVersion {
+                text: v.to_string(),
+            })
+    }
+}
+
+impl From<Version> for u64 {
+    fn from(v: Version) -> u64 {
+        v.0
     }
 }
 
@@ -177,5 +198,31 @@ mod tests {
         assert_eq!(n.as_str(), "mnist");
         assert!(serde_json::from_str::<ModelName>("\"a/b\"").is_err());
         assert_eq!(serde_json::to_string(&Version(4)).unwrap(), "4");
+        assert_eq!(serde_json::from_str::<Version>("4").unwrap(), Version(4));
+    }
+
+    /// Found by `make fuzz` (etcd_values): `{"versions":[0]}` in a registry value gave a
+    /// version 0, which no constructor makes.
+    #[test]
+    fn deserialized_versions_are_checked_like_parsed_ones() {
+        for bad in ["0", "9223372036854775808", "18446744073709551615"] {
+            let err = serde_json::from_str::<Version>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("a version is a positive integer"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["-1", "1.5", "\"1\""] {
+            assert!(serde_json::from_str::<Version>(bad).is_err(), "{bad}");
+        }
+        let as_key: std::collections::BTreeMap<Version, u8> =
+            serde_json::from_str(r#"{"3": 1}"#).unwrap();
+        assert_eq!(as_key.keys().copied().collect::<Vec<_>>(), [Version(3)]);
+        assert!(
+            serde_json::from_str::<std::collections::BTreeMap<Version, u8>>(r#"{"0": 1}"#).is_err()
+        );
+        assert_eq!(serde_json::to_string(&as_key).unwrap(), r#"{"3":1}"#);
     }
 }

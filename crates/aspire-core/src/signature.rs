@@ -158,26 +158,48 @@ impl Signature {
 }
 
 /// All signatures of one model version.
+///
+/// Deserializing checks every signature, wherever the JSON comes from: `signature.json`
+/// in storage or a registry value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "UncheckedSignatureMap")]
 pub struct SignatureMap {
     /// Signature name to signature.
     pub signatures: BTreeMap<String, Signature>,
 }
 
+/// A [`SignatureMap`] as read, before its checks.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UncheckedSignatureMap {
+    signatures: BTreeMap<String, Signature>,
+}
+
+impl TryFrom<UncheckedSignatureMap> for SignatureMap {
+    type Error = String;
+    fn try_from(raw: UncheckedSignatureMap) -> Result<Self, String> {
+        if raw.signatures.is_empty() {
+            return Err("\"signatures\" is empty".to_string());
+        }
+        for (name, sig) in &raw.signatures {
+            // An empty name cannot be asked for: a request without one means the default.
+            if name.is_empty() {
+                return Err(
+                    "a signature has an empty name; name it, e.g. \"serving_default\"".to_string(),
+                );
+            }
+            sig.validate(name)?;
+        }
+        Ok(Self {
+            signatures: raw.signatures,
+        })
+    }
+}
+
 impl SignatureMap {
     /// Parses and checks the contents of `signature.json`.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let map: SignatureMap =
-            serde_json::from_slice(bytes).map_err(|e| format!("signature.json: {e}"))?;
-        if map.signatures.is_empty() {
-            return Err("signature.json: \"signatures\" is empty".to_string());
-        }
-        for (name, sig) in &map.signatures {
-            sig.validate(name)
-                .map_err(|e| format!("signature.json: {e}"))?;
-        }
-        Ok(map)
+        serde_json::from_slice(bytes).map_err(|e| format!("signature.json: {e}"))
     }
 
     /// The signature used when a version has no `signature.json`.
@@ -273,10 +295,29 @@ mod tests {
                 "unique",
             ),
             ("not json", "signature.json"),
+            // Found by `make fuzz` (signature_json): accepted, but no request could name it.
+            (
+                r#"{"signatures": {"": {"inputs": [{"name":"i","dtype":"float32"}], "outputs": [{"name":"o","dtype":"float32"}]}}}"#,
+                "empty name",
+            ),
         ] {
             let err = SignatureMap::from_json(bad.as_bytes()).unwrap_err();
             assert!(err.contains(needle), "{bad}: {err}");
         }
+    }
+
+    /// The etcd_values fuzz target asserts this: signatures inside a registry value used to
+    /// skip the checks `signature.json` gets, and the worker loads versions with them.
+    #[test]
+    fn signatures_from_any_json_are_checked() {
+        let bad = r#"{"version": 1, "path": "file:///m/1", "signatures": {"signatures": {"s": {"inputs": [], "outputs": [{"name":"o","dtype":"float32"}]}}}}"#;
+        let err = serde_json::from_str::<crate::AvailableVersion>(bad).unwrap_err();
+        assert!(err.to_string().contains("at least one input"), "{err}");
+        let good = bad.replace(
+            r#""inputs": []"#,
+            r#""inputs": [{"name":"i","dtype":"float32"}]"#,
+        );
+        assert!(serde_json::from_str::<crate::AvailableVersion>(&good).is_ok());
     }
 
     #[test]

@@ -42,8 +42,16 @@ pub fn parse_text_format<T: prost::Message + Default>(
     full_name: &str,
     text: &str,
 ) -> Result<T, String> {
-    let pool = prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
-        .map_err(|e| format!("bad embedded descriptor set: {e}"))?;
+    // Decoded once: it takes milliseconds, which `make fuzz` (text_config) would pay per input.
+    static POOL: std::sync::OnceLock<Result<prost_reflect::DescriptorPool, String>> =
+        std::sync::OnceLock::new();
+    let pool = POOL
+        .get_or_init(|| {
+            prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
+                .map_err(|e| format!("bad embedded descriptor set: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)?;
     let desc = pool
         .get_message_by_name(full_name)
         .ok_or_else(|| format!("unknown message {full_name}"))?;

@@ -124,6 +124,15 @@ pub fn decode_declared(
                 content.len()
             ));
         }
+        // LibTorch's bool is one byte holding 0 or 1; any other byte is undefined there.
+        if dtype == DType::Bool
+            && let Some(i) = content.iter().position(|b| *b > 1)
+        {
+            return Err(format!(
+                "input '{name}': tensor_content byte {i} is {}; {dtype} values are the bytes 0 and 1",
+                content[i]
+            ));
+        }
         // Bytes is reference-counted: the tensor shares the request's buffer.
         content.clone()
     } else if typed == numel || (typed == 1 && numel > 0) {
@@ -675,5 +684,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.to_f32().unwrap(), vec![1.0; 4]);
+    }
+
+    #[test]
+    fn bool_content_other_than_0_and_1_is_refused() {
+        let p = TensorProto {
+            dtype: DType::Bool.tf_number(),
+            tensor_shape: shape_proto(&[1, 3]),
+            tensor_content: Bytes::from_static(&[1, 0, 2]),
+            ..TensorProto::default()
+        };
+        assert_eq!(
+            decode_input(&spec("b", DType::Bool, &[-1, 3]), &p, NO_LIMIT).unwrap_err(),
+            "input 'b': tensor_content byte 2 is 2; DT_BOOL values are the bytes 0 and 1"
+        );
     }
 }
