@@ -72,8 +72,11 @@ impl From<ModelName> for String {
 }
 
 /// A model version: a positive integer, the name of its directory in storage.
+///
+/// Deserializing checks it as [`Version::from_i64`] does, so a registry value naming
+/// version 0 or one past `i64::MAX` is refused as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct Version(u64);
 
 /// Why a version number was refused.
@@ -103,6 +106,24 @@ impl Version {
     /// The number as protobuf's `int64` (versions above `i64::MAX` are refused on parse).
     pub fn as_i64(self) -> i64 {
         i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
+}
+
+impl TryFrom<u64> for Version {
+    type Error = InvalidVersion;
+    fn try_from(v: u64) -> Result<Self, Self::Error> {
+        i64::try_from(v)
+            .ok()
+            .and_then(Self::from_i64)
+            .ok_or_else(|| InvalidVersion {
+                text: v.to_string(),
+            })
+    }
+}
+
+impl From<Version> for u64 {
+    fn from(v: Version) -> u64 {
+        v.0
     }
 }
 
@@ -177,5 +198,20 @@ mod tests {
         assert_eq!(n.as_str(), "mnist");
         assert!(serde_json::from_str::<ModelName>("\"a/b\"").is_err());
         assert_eq!(serde_json::to_string(&Version(4)).unwrap(), "4");
+        assert_eq!(serde_json::from_str::<Version>("4").unwrap(), Version(4));
+        for bad in ["0", "-1", "9223372036854775808", "1.5", "\"1\""] {
+            assert!(
+                serde_json::from_str::<Version>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+        // As a map key (a worker record's versions), it goes through the same check.
+        let map: std::collections::BTreeMap<Version, u8> =
+            serde_json::from_str(r#"{"3": 1}"#).unwrap();
+        assert_eq!(map.keys().copied().collect::<Vec<_>>(), vec![Version(3)]);
+        assert_eq!(serde_json::to_string(&map).unwrap(), r#"{"3":1}"#);
+        assert!(
+            serde_json::from_str::<std::collections::BTreeMap<Version, u8>>(r#"{"0": 1}"#).is_err()
+        );
     }
 }

@@ -18,6 +18,7 @@ use aspire_core::{
 use aspire_registry::{MemoryRegistry, Registry};
 use aspire_worker::batcher::{BatchConfig, BatchError};
 use aspire_worker::model::{DeviceSpec, configure_threads};
+use aspire_worker::storage_roots::StorageRoots;
 use aspire_worker::tensor::HostTensor;
 use aspire_worker::version_manager::{LoadedVersion, ManagerConfig, ModelEntry, VersionManager};
 use tempfile::TempDir;
@@ -210,6 +211,11 @@ impl Worker {
             },
             warmup_batch_sizes: vec![1, 2],
             cache_dir: dir.path().join("cache"),
+            storage_roots: StorageRoots::parse(
+                &[dir.path().join("storage").display().to_string()],
+                "--storage-root",
+            )
+            .unwrap(),
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
             unload_grace,
