@@ -245,7 +245,7 @@ async fn locations_outside_the_storage_roots_are_refused_before_any_fetch() {
     let etcd = EtcdServer::start().expect("etcd");
     let endpoint = etcd.endpoint();
     let registry = EtcdRegistry::connect(
-        &[endpoint.clone()],
+        std::slice::from_ref(&endpoint),
         aspire_core::keys::KeySchema::new(PREFIX),
         EtcdOptions::default(),
     )
