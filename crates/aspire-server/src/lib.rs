@@ -120,3 +120,48 @@ pub async fn run(
     tracing::info!("aspire-server stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_base_paths_are_storage_roots_beside_the_flag() {
+        let config = Config::try_parse_from([
+            "aspire-server",
+            "--model_name=mnist",
+            "--model_base_path=/srv/models/mnist/",
+            "--storage-root=/data/exports",
+        ])
+        .unwrap();
+        let models = config.models.models().unwrap();
+        let roots = storage_roots(&config.storage, &models).unwrap();
+        assert_eq!(
+            roots.describe(),
+            "file:///data/exports, file:///srv/models/mnist"
+        );
+        let as_is = |p: &std::path::Path| Ok(p.to_path_buf());
+        assert!(
+            roots
+                .check_with("file:///srv/models/mnist/3", as_is)
+                .is_ok()
+        );
+        assert!(
+            roots
+                .check_with("file:///srv/models/other/3", as_is)
+                .is_err()
+        );
+
+        let bad = Config::try_parse_from([
+            "aspire-server",
+            "--model_name=mnist",
+            "--model_base_path=ftp://host/mnist",
+        ])
+        .unwrap();
+        let err = storage_roots(&bad.storage, &bad.models.models().unwrap()).unwrap_err();
+        assert!(
+            err.starts_with("model base path \"ftp://host/mnist\""),
+            "{err}"
+        );
+    }
+}
