@@ -184,7 +184,8 @@ for setup in off on one; do
     esac
     log "batching $batching: starting aspire-worker${flags[*]:+ (${flags[*]})}"
     "$bin/aspire-worker" "$etcd" "$prefix" --host=127.0.0.1 --port=$worker_port \
-        --metrics-port=$worker_metrics --worker-id=bench-worker "${flags[@]}" \
+        --metrics-port=$worker_metrics --worker-id=bench-worker \
+        --storage-root="$dir/models" "${flags[@]}" \
         >"$dir/logs/worker-batching-$setup.log" 2>&1 &
     worker_pid=$!
     pids+=("$worker_pid")

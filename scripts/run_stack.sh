@@ -49,8 +49,10 @@ etcd="--etcd-endpoints=http://127.0.0.1:$etcd_client"
     >"$demo/logs/discovery.log" 2>&1 &
 pids+=($!)
 for i in 1 2; do
+    # Workers load only from under --storage-root, whatever etcd names.
     "$bin/aspire-worker" "$etcd" --host=127.0.0.1 --port=$((port + i)) --worker-id="worker-$i" \
-        --metrics-port=$((port + 1000 + i)) --enable_batching >"$demo/logs/worker-$i.log" 2>&1 &
+        --storage-root="$demo/monitored" --metrics-port=$((port + 1000 + i)) --enable_batching \
+        >"$demo/logs/worker-$i.log" 2>&1 &
     pids+=($!)
 done
 "$bin/aspire-router" "$etcd" --host=127.0.0.1 --port="$port" --metrics-port=$((port + 1000)) >"$demo/logs/router.log" 2>&1 &

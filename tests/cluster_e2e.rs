@@ -139,6 +139,7 @@ impl Stack {
                         "--host=127.0.0.1".into(),
                         format!("--port={port}"),
                         format!("--worker-id={id}"),
+                        format!("--storage-root={}", monitored.display()),
                         "--lease-ttl=3".into(),
                         "--metrics-port=0".into(),
                         "--enable_batching".into(),

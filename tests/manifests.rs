@@ -892,6 +892,26 @@ fn model_storage_problems(m: &Manifest) -> Vec<String> {
             problems.push(format!("{}: serves no model", c.place));
         }
         for model in models {
+            // Workers load a version only from under their own --storage-root.
+            let version = format!("{}/1", model.base_path.trim_end_matches('/'));
+            for w in &workers {
+                let Parsed::Worker(cli) = &w.parsed else {
+                    continue;
+                };
+                let refused = match cli.storage.resolve() {
+                    Ok(roots) => roots
+                        .check_with(&version, |p| Ok(p.to_path_buf()))
+                        .err()
+                        .map(|e| e.to_string()),
+                    Err(e) => Some(e),
+                };
+                if let Some(why) = refused {
+                    problems.push(format!(
+                        "{}: model {}'s versions ({version}) would be refused: {why}",
+                        w.place, model.name
+                    ));
+                }
+            }
             let path = model
                 .base_path
                 .strip_prefix("file://")
@@ -1266,10 +1286,11 @@ fn worker_env() -> Value {
     ])
 }
 
-const GOOD_WORKER_ARGS: [&str; 3] = [
+const GOOD_WORKER_ARGS: [&str; 4] = [
     "--port=8501",
     "--advertise-address=$(POD_IP):8501",
     "--worker-id=$(POD_NAME)",
+    "--storage-root=/models",
 ];
 
 fn all_problems(m: &Manifest) -> Vec<String> {
@@ -1306,6 +1327,22 @@ fn assert_problem(m: &Manifest, needles: &[&str]) {
 fn negative_the_fragment_itself_passes() {
     let m = fragment("aspire-worker", &GOOD_WORKER_ARGS, worker_env());
     assert_eq!(all_problems(&m), Vec::<String>::new());
+}
+
+#[test]
+fn negative_a_worker_without_a_storage_root_fails() {
+    let args: Vec<&str> = GOOD_WORKER_ARGS
+        .into_iter()
+        .filter(|a| !a.starts_with("--storage-root"))
+        .collect();
+    let m = fragment("aspire-worker", &args, worker_env());
+    assert_problem(
+        &m,
+        &[
+            "fragment: Deployment/aspire-worker container worker",
+            "no --storage-root given",
+        ],
+    );
 }
 
 #[test]
@@ -1366,7 +1403,11 @@ fn negative_an_undefined_variable_reference_fails() {
 
 #[test]
 fn negative_a_worker_not_advertising_its_pod_ip_fails() {
-    let args = ["--port=8501", "--worker-id=$(POD_NAME)"];
+    let args = [
+        "--port=8501",
+        "--worker-id=$(POD_NAME)",
+        "--storage-root=/models",
+    ];
     let m = fragment("aspire-worker", &args, worker_env());
     assert_problem(&m, &["not the pod IP"]);
 }

@@ -391,6 +391,31 @@ mod tests {
     }
 
     #[test]
+    fn an_available_value_with_an_invalid_version_is_refused_whole() {
+        let s = KeySchema::default();
+        let mut st = ClusterState::default();
+        let m = ModelName::new("mnist").unwrap();
+        let key = "/aspire/models/mnist/available";
+        st.apply(&s, key, Some(&available(&[1])));
+        let sig = serde_json::to_string(&SignatureMap::default_for_untyped_model()).unwrap();
+        for bad in ["0", "-2", "18446744073709551615"] {
+            let value = format!(
+                r#"{{"versions":[{{"version":{bad},"path":"file:///m/{bad}","signatures":{sig}}}]}}"#
+            );
+            st.apply(&s, key, Some(value.as_bytes()));
+            assert!(st.problems.contains_key(key), "version {bad} accepted");
+            assert_eq!(
+                st.models[&m].available.as_ref().unwrap().numbers(),
+                vec![v(1)]
+            );
+        }
+        // A model key with an invalid model name is never a model.
+        st.apply(&s, "/aspire/models/../available", Some(&available(&[1])));
+        st.apply(&s, "/aspire/models/a b/available", Some(&available(&[1])));
+        assert_eq!(st.models.len(), 1);
+    }
+
+    #[test]
     fn workers_come_and_go() {
         let s = KeySchema::default();
         let mut st = ClusterState::default();

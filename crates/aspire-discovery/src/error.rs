@@ -33,6 +33,15 @@ pub enum DiscoveryError {
         #[source]
         source: std::io::Error,
     },
+    /// A local file of a version directory resolves (through a symlink) outside the roots
+    /// the caller allows: refused before anything is read, and refused again on a retry.
+    #[error("could not copy {location}: {reason}")]
+    OutsideRoots {
+        /// The URL of the file as listed.
+        location: String,
+        /// Where it resolves to, and the roots.
+        reason: String,
+    },
     /// A version directory holds nothing to copy, or an object with an unusable name.
     #[error("could not copy {location}: {reason}")]
     Fetch {

@@ -444,7 +444,8 @@ async fn fetch_version_copies_nested_files_exactly() {
     let cache = tmp.path().join("cache/m");
     let dest = cache.join("4");
     write(&dest, "stale.txt", b"from an earlier copy");
-    fetch_version(&url, &dest).await.unwrap();
+    let roots = [std::fs::canonicalize(&base).unwrap()];
+    fetch_version(&url, &dest, &roots).await.unwrap();
     assert_eq!(files_under(&dest), files_under(&base.join("4")));
     // Only the finished copy is left beside it: no staging directory.
     let siblings: Vec<_> = std::fs::read_dir(&cache)
@@ -454,9 +455,14 @@ async fn fetch_version_copies_nested_files_exactly() {
     assert_eq!(siblings, ["4"]);
 
     let missing = cache.join("9");
-    let err = fetch_version(&format!("{}/9", url.trim_end_matches("/4")), &missing)
-        .await
-        .unwrap_err();
+    let err = fetch_version(
+        &format!("{}/9", url.trim_end_matches("/4")),
+        &missing,
+        &roots,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("no files"), "{err}");
     assert!(!missing.exists());
 }

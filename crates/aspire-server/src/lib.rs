@@ -16,7 +16,8 @@ use aspire_discovery::service::{self as discovery, ModelArgs};
 use aspire_registry::{MemoryRegistry, Registry};
 use aspire_telemetry::metrics::MetricsPort;
 use aspire_worker::app::{WorkerSettings, run_worker};
-use aspire_worker::config::{BatchingArgs, RuntimeArgs, ServingArgs};
+use aspire_worker::config::{BatchingArgs, RuntimeArgs, ServingArgs, StorageArgs};
+use aspire_worker::storage_roots::StorageRoots;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,11 @@ pub struct Config {
     /// gRPC serving.
     #[command(flatten)]
     pub serving: ServingArgs,
+    /// More places model versions may be loaded from, besides the model base paths (a
+    /// directory that version symlinks point into, or that holds the base paths of models
+    /// a re-read --model_config_file adds).
+    #[command(flatten)]
+    pub storage: StorageArgs,
     /// Port for Prometheus metrics (`aspire_worker_*`) on /metrics, on the --host
     /// address; it must be free [default: off, as TensorFlow Serving's monitoring is
     /// until configured].
@@ -68,6 +74,17 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
+/// The roots versions are loaded from: the models' base paths (as discovery reads them at
+/// startup) and any `--storage-root`.
+pub fn storage_roots(
+    args: &StorageArgs,
+    models: &[aspire_discovery::ModelConfig],
+) -> Result<StorageRoots, String> {
+    let base_paths: Vec<&str> = models.iter().map(|m| m.base_path.as_str()).collect();
+    let from_models = StorageRoots::parse(&base_paths, "model base path")?;
+    Ok(args.resolve()?.union(from_models))
+}
+
 /// Runs the server on `listener` until `shutdown` resolves, then drains: stops taking
 /// requests, finishes those in flight, unloads the models.
 pub async fn run(
@@ -76,6 +93,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let models = config.models.models().map_err(anyhow::Error::msg)?;
+    let storage_roots = storage_roots(&config.storage, &models).map_err(anyhow::Error::msg)?;
     let local = listener.local_addr()?;
     tracing::info!(models = ?models.iter().map(|m| m.name.to_string()).collect::<Vec<_>>(), "aspire-server starting");
     let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::default());
@@ -92,6 +110,7 @@ pub async fn run(
         batching: config.batching,
         runtime: config.runtime,
         serving: config.serving,
+        storage_roots,
         metrics: MetricsPort::from_flag(config.metrics_port, 0),
     };
     let result = run_worker(settings, registry, listener, shutdown).await;
@@ -100,4 +119,49 @@ pub async fn run(
     result?;
     tracing::info!("aspire-server stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_base_paths_are_storage_roots_beside_the_flag() {
+        let config = Config::try_parse_from([
+            "aspire-server",
+            "--model_name=mnist",
+            "--model_base_path=/srv/models/mnist/",
+            "--storage-root=/data/exports",
+        ])
+        .unwrap();
+        let models = config.models.models().unwrap();
+        let roots = storage_roots(&config.storage, &models).unwrap();
+        assert_eq!(
+            roots.describe(),
+            "file:///data/exports, file:///srv/models/mnist"
+        );
+        let as_is = |p: &std::path::Path| Ok(p.to_path_buf());
+        assert!(
+            roots
+                .check_with("file:///srv/models/mnist/3", as_is)
+                .is_ok()
+        );
+        assert!(
+            roots
+                .check_with("file:///srv/models/other/3", as_is)
+                .is_err()
+        );
+
+        let bad = Config::try_parse_from([
+            "aspire-server",
+            "--model_name=mnist",
+            "--model_base_path=ftp://host/mnist",
+        ])
+        .unwrap();
+        let err = storage_roots(&bad.storage, &bad.models.models().unwrap()).unwrap_err();
+        assert!(
+            err.starts_with("model base path \"ftp://host/mnist\""),
+            "{err}"
+        );
+    }
 }

@@ -11,10 +11,11 @@ use aspire_telemetry::metrics::{MetricsPort, MetricsServer, WorkerMetrics};
 use tokio::net::TcpListener;
 
 use crate::batcher::BatchPool;
-use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, warmup_batch_sizes};
+use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, StorageArgs, warmup_batch_sizes};
 use crate::model;
 use crate::server::{ServerLimits, serve};
 use crate::service::{RequestLimits, ServingApi};
+use crate::storage_roots::StorageRoots;
 use crate::version_manager::{ManagerConfig, VersionManager};
 
 /// How long an unloading version still answers requests that name it: routers see the
@@ -42,6 +43,8 @@ pub struct WorkerSettings {
     pub runtime: RuntimeArgs,
     /// gRPC serving flags.
     pub serving: ServingArgs,
+    /// The only places model versions are loaded from (never from the registry).
+    pub storage_roots: StorageRoots,
     /// Where Prometheus metrics are served, on the gRPC listener's address.
     pub metrics: MetricsPort,
 }
@@ -124,7 +127,8 @@ pub async fn run_worker_with_metrics(
     tracing::info!(
         address = %local, advertise = %settings.advertise_address, worker_id = %settings.worker_id,
         device = %device_name, batching = ?batching, batch_threads = batching.num_batch_threads,
-        intra_op_threads = intra, "worker starting"
+        intra_op_threads = intra, storage_roots = %settings.storage_roots.describe(),
+        "worker starting"
     );
     let config = ManagerConfig {
         worker_id: settings.worker_id.clone(),
@@ -133,6 +137,7 @@ pub async fn run_worker_with_metrics(
         warmup_batch_sizes: warmup_batch_sizes(&batching),
         batching,
         cache_dir: cache_dir.clone(),
+        storage_roots: settings.storage_roots.clone(),
         load_retry_initial: Duration::from_secs(1),
         load_retry_max: Duration::from_secs(60),
         unload_grace: UNLOAD_GRACE,
@@ -219,6 +224,9 @@ pub struct WorkerCli {
     /// gRPC serving.
     #[command(flatten)]
     pub serving: ServingArgs,
+    /// Where model versions may be loaded from.
+    #[command(flatten)]
+    pub storage: StorageArgs,
     /// Port for Prometheus metrics on /metrics, on the --host address; 0 turns them off
     /// [default: 9501, best effort: if it is taken, the worker logs an error and runs
     /// without; a port given here must be free].
@@ -250,16 +258,25 @@ impl WorkerCli {
                 "--worker-id {worker_id:?} is not usable as a key segment: use printable ASCII without '/'"
             )));
         }
+        let storage_roots = self.storage.resolve().map_err(WorkerStartError::Config)?;
+        if storage_roots.is_empty() {
+            return Err(WorkerStartError::Config(NO_STORAGE_ROOT.to_string()));
+        }
         Ok(WorkerSettings {
             worker_id,
             advertise_address,
             batching: self.batching.clone(),
             runtime: self.runtime.clone(),
             serving: self.serving.clone(),
+            storage_roots,
             metrics: MetricsPort::from_flag(self.metrics_port, DEFAULT_METRICS_PORT),
         })
     }
 }
+
+/// Why a worker without a storage root does not start: it would have to load whatever
+/// location the registry names, and whoever can write etcd would choose the code it runs.
+pub const NO_STORAGE_ROOT: &str = "no --storage-root given: aspire-worker loads model versions only from the directories or bucket URLs named by --storage-root (repeatable, or comma-separated in ASPIRE_STORAGE_ROOTS), e.g. --storage-root=/models or --storage-root=s3://bucket/models; the registry cannot widen them";
 
 /// This machine's host name (in Kubernetes: the pod name).
 fn hostname() -> String {

@@ -11,6 +11,7 @@ use clap::{ArgAction, Args, ValueEnum};
 use crate::batcher::BatchConfig;
 use crate::codec::OutputEncoding;
 use crate::model::DeviceSpec;
+use crate::storage_roots::StorageRoots;
 use aspire_ingress::{
     DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -333,6 +334,29 @@ impl ServingArgs {
         self.runtime_worker_threads
             .unwrap_or_else(available_cpus)
             .max(1)
+    }
+}
+
+/// Where model versions may be loaded from.
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// A directory, file:// URL or bucket URL (s3://bucket/prefix, gs://, az://, abfs://)
+    /// that model versions may be loaded from; repeat the flag or separate roots with
+    /// commas. A version whose location (from the registry) is not under one is refused.
+    /// aspire-worker needs at least one; aspire-server adds its model base paths.
+    #[arg(
+        long = "storage-root",
+        visible_alias = "storage_root",
+        env = "ASPIRE_STORAGE_ROOTS",
+        value_delimiter = ','
+    )]
+    pub storage_roots: Vec<String>,
+}
+
+impl StorageArgs {
+    /// The roots these flags name; the error names the flag.
+    pub fn resolve(&self) -> Result<StorageRoots, String> {
+        StorageRoots::parse(&self.storage_roots, "--storage-root")
     }
 }
 

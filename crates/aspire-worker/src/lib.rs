@@ -7,6 +7,7 @@
 //! - [`model`]: the LibTorch runtime, the only module that imports `tch`;
 //! - [`batcher`]: the queue and batch threads of one loaded version;
 //! - [`version_manager`]: which versions are loaded, loading and unloading them;
+//! - [`storage_roots`]: the only places versions are loaded from, checked before a fetch;
 //! - [`service`]: the gRPC services;
 //! - [`error`]: the one table from errors to gRPC status codes.
 
@@ -18,5 +19,6 @@ pub mod error;
 pub mod model;
 pub mod server;
 pub mod service;
+pub mod storage_roots;
 pub mod tensor;
 pub mod version_manager;

@@ -6,7 +6,10 @@
 //! desired is unloaded only once a desired version of the same model is AVAILABLE
 //! (availability-preserving, so serving never stops during a swap or a rollback), and only
 //! after the requests in flight on it finish. A failed load is reported in the version's
-//! status, the older versions keep serving, and the load is retried with backoff.
+//! status, the older versions keep serving, and the load is retried with backoff. A
+//! version whose location is not under the worker's storage roots ([`StorageRoots`]) is
+//! never fetched: it is reported END with the refusal, and not tried again until its
+//! location in the registry changes.
 //!
 //! One task (the actor) owns all mutable state; load and unload tasks report back to it
 //! over a channel. Request handlers read an immutable [`ServingTable`] snapshot through
@@ -22,6 +25,7 @@ use aspire_core::records::{VersionState, VersionStatus};
 use aspire_core::{
     AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, Version, WorkerRecord,
 };
+use aspire_discovery::DiscoveryError;
 use aspire_registry::Registry;
 use aspire_telemetry::metrics::{RequestMetrics, VersionMetrics, WorkerMetrics};
 use tokio::sync::{mpsc, watch};
@@ -30,6 +34,7 @@ use tokio::time::Instant;
 use crate::batcher::{BatchConfig, BatchPool, Batcher};
 use crate::error::WorkerError;
 use crate::model::{DeviceSpec, Servable, TorchModel};
+use crate::storage_roots::{CheckedLocation, LocationError, StorageRoots};
 
 /// What the version manager needs to know.
 #[derive(Debug, Clone)]
@@ -46,6 +51,8 @@ pub struct ManagerConfig {
     pub warmup_batch_sizes: Vec<usize>,
     /// Local directory versions are copied into before loading.
     pub cache_dir: PathBuf,
+    /// The only places versions are loaded from; a location elsewhere is refused.
+    pub storage_roots: StorageRoots,
     /// Delay before the first retry of a failed load; doubles per failure.
     pub load_retry_initial: Duration,
     /// Longest delay between retries.
@@ -314,11 +321,19 @@ enum Slot {
         attempts: u32,
         retry_at: Instant,
     },
+    /// Its location is not under the storage roots: not retried until the registry
+    /// gives the version another location.
+    Refused {
+        location: String,
+        error: String,
+    },
     Ended,
 }
 
 enum Event {
     Loaded(Key, Result<Arc<LoadedVersion>, String>),
+    /// The location (as in the registry) was refused before anything was fetched.
+    Refused(Key, String, String),
     /// The unload grace is over: stop answering requests for this version.
     StopServing(Key),
     Unloaded(Key),
@@ -408,6 +423,10 @@ impl Actor {
                     },
                 );
             }
+            Event::Refused(key, location, error) => {
+                tracing::error!(model = %key.0, version = %key.1, "{error}");
+                self.slots.insert(key, Slot::Refused { location, error });
+            }
             Event::StopServing(key) => {
                 if let Some(Slot::Unloading(serving)) = self.slots.get_mut(&key) {
                     *serving = None;
@@ -434,16 +453,18 @@ impl Actor {
                 .and_then(|m| m.available.as_ref());
             for v in &desired {
                 let key = (model.clone(), *v);
+                let Some(entry) = available.and_then(|a| a.get(*v)) else {
+                    continue;
+                };
                 let attempts = match self.slots.get(&key) {
                     None | Some(Slot::Ended) => 0,
                     Some(Slot::Failed {
                         attempts, retry_at, ..
                     }) if *retry_at <= now => *attempts,
+                    Some(Slot::Refused { location, .. }) if *location != entry.path => 0,
                     Some(_) => continue,
                 };
-                if let Some(entry) = available.and_then(|a| a.get(*v)) {
-                    self.start_load(key, entry.path.clone(), entry.signatures.clone(), attempts);
-                }
+                self.start_load(key, entry.path.clone(), entry.signatures.clone(), attempts);
             }
             let desired_ready = desired
                 .iter()
@@ -467,7 +488,8 @@ impl Actor {
         // so it leaves the serving table (requests get NOT_FOUND, not "no version loaded")
         // and this worker's record, instead of lingering as END statuses forever.
         self.slots.retain(|(m, _), s| {
-            is_listed(&cluster, m) || !matches!(s, Slot::Ended | Slot::Failed { .. })
+            is_listed(&cluster, m)
+                || !matches!(s, Slot::Ended | Slot::Failed { .. } | Slot::Refused { .. })
         });
     }
 
@@ -485,7 +507,18 @@ impl Actor {
                     .version_loaded(key.0.as_str(), started.elapsed()),
                 Err(_) => config.metrics.version_load_failed(key.0.as_str()),
             }
-            let _ = tx.send(Event::Loaded(key, result));
+            let event = match result {
+                Ok(lv) => Event::Loaded(key, Ok(lv)),
+                Err(LoadFailure::Failed(error)) => Event::Loaded(key, Err(error)),
+                Err(LoadFailure::Refused(why)) => {
+                    let error = format!(
+                        "location {path} of {} version {} {why}; not loaded",
+                        key.0, key.1
+                    );
+                    Event::Refused(key, path, error)
+                }
+            };
+            let _ = tx.send(event);
         });
     }
 
@@ -520,7 +553,9 @@ impl Actor {
                 Slot::Loading { .. } => (VersionState::Loading, None),
                 Slot::Ready(_) => (VersionState::Available, None),
                 Slot::Unloading(_) => (VersionState::Unloading, None),
-                Slot::Failed { error, .. } => (VersionState::End, Some(error.clone())),
+                Slot::Failed { error, .. } | Slot::Refused { error, .. } => {
+                    (VersionState::End, Some(error.clone()))
+                }
                 Slot::Ended => (VersionState::End, None),
             };
             out.entry(m.clone())
@@ -666,17 +701,51 @@ fn version_cache_dir(config: &ManagerConfig, key: &Key) -> PathBuf {
         .join(key.1.to_string())
 }
 
+/// Why a load did not happen.
+enum LoadFailure {
+    /// The location is not under the storage roots; the phrase follows the location.
+    Refused(String),
+    /// Anything else: retried with backoff.
+    Failed(String),
+}
+
+impl From<String> for LoadFailure {
+    fn from(error: String) -> Self {
+        LoadFailure::Failed(error)
+    }
+}
+
+/// Checks `path` against the storage roots, and only then fetches it into the cache,
+/// loads it and warms it up.
 async fn load_version(
     config: &Arc<ManagerConfig>,
     key: &Key,
     path: &str,
     signatures: SignatureMap,
-) -> Result<Arc<LoadedVersion>, String> {
+) -> Result<Arc<LoadedVersion>, LoadFailure> {
+    // The location comes from the registry, the roots from this worker's flags.
+    // Resolving symlinks touches the filesystem, so off the async threads.
+    let roots = config.storage_roots.clone();
+    let location = path.to_string();
+    let checked: CheckedLocation = tokio::task::spawn_blocking(move || roots.check(&location))
+        .await
+        .map_err(|_| "the storage roots check panicked".to_string())?
+        .map_err(|e| match e {
+            LocationError::Refused(why) => LoadFailure::Refused(why),
+            LocationError::Unresolvable(why) => {
+                LoadFailure::Failed(format!("location {path} {why}"))
+            }
+        })?;
     let dir = version_cache_dir(config, key);
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    aspire_discovery::storage::fetch_version(path, &dir)
+    aspire_discovery::storage::fetch_version(&checked.fetch_from, &dir, &checked.local_roots)
         .await
-        .map_err(|e| format!("fetching {path}: {e}"))?;
+        .map_err(|e| match e {
+            DiscoveryError::OutsideRoots { .. } => {
+                LoadFailure::Refused(format!("holds a file out of the storage roots ({e})"))
+            }
+            e => LoadFailure::Failed(format!("fetching {path}: {e}")),
+        })?;
     let config = config.clone();
     let key = key.clone();
     let (done, loaded) = tokio::sync::oneshot::channel();
@@ -705,9 +774,9 @@ async fn load_version(
             let _ = done.send(loaded);
         })
         .map_err(|e| format!("cannot start a thread to load the version: {e}"))?;
-    loaded
+    Ok(loaded
         .await
-        .map_err(|_| "the load thread ended without an answer".to_string())?
+        .map_err(|_| "the load thread ended without an answer".to_string())??)
 }
 
 /// Waits for requests in flight on `lv` to finish (they hold clones of the `Arc`), then

@@ -167,6 +167,7 @@ async fn metrics_count_requests_batches_and_loads() {
             "--tensorflow_intra_op_parallelism=1",
             "--tensorflow_inter_op_parallelism=1",
             &format!("--cache-dir={}", cache.display()),
+            &format!("--storage-root={}", storage.path().display()),
         ],
         addr,
     );
@@ -311,7 +312,15 @@ async fn a_metrics_port_given_must_be_free() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let flag = format!("--metrics-port={port}");
-    let settings = settings(&["--worker-id=w", "--device=cpu", &flag], addr);
+    let settings = settings(
+        &[
+            "--worker-id=w",
+            "--device=cpu",
+            "--storage-root=/models",
+            &flag,
+        ],
+        addr,
+    );
     assert_eq!(settings.metrics, MetricsPort::Required(port));
     let registry = Arc::new(MemoryRegistry::default()) as Arc<dyn Registry>;
     let err = run_worker(settings, registry, listener, std::future::pending())
@@ -319,7 +328,7 @@ async fn a_metrics_port_given_must_be_free() {
         .unwrap_err();
     assert!(err.to_string().contains("--metrics-port"), "{err}");
 
-    let default = WorkerCli::try_parse_from(["aspire-worker"]).unwrap();
+    let default = WorkerCli::try_parse_from(["aspire-worker", "--storage-root=/models"]).unwrap();
     assert_eq!(
         default.settings(addr).unwrap().metrics,
         MetricsPort::Default(aspire_worker::app::DEFAULT_METRICS_PORT)

@@ -18,6 +18,7 @@ use aspire_core::{
 use aspire_registry::{MemoryRegistry, Registry};
 use aspire_worker::batcher::{BatchConfig, BatchError};
 use aspire_worker::model::{DeviceSpec, configure_threads};
+use aspire_worker::storage_roots::StorageRoots;
 use aspire_worker::tensor::HostTensor;
 use aspire_worker::version_manager::{LoadedVersion, ManagerConfig, ModelEntry, VersionManager};
 use tempfile::TempDir;
@@ -211,6 +212,11 @@ impl Worker {
             },
             warmup_batch_sizes: vec![1, 2],
             cache_dir: dir.path().join("cache"),
+            storage_roots: StorageRoots::parse(
+                &[dir.path().join("storage").display().to_string()],
+                "--storage-root",
+            )
+            .unwrap(),
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
             unload_grace,
@@ -499,6 +505,60 @@ async fn in_flight_requests_finish_before_the_old_version_unloads() {
         view.state(1) == Some(VersionState::End)
     })
     .await;
+}
+
+/// A version whose location in the registry is outside the storage roots (here
+/// `<dir>/storage`) is END with the refusal, never fetched, and the old version keeps
+/// serving; once the registry names a location under the roots, it loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_location_outside_the_storage_roots_is_refused_until_the_registry_moves_it() {
+    let w = Worker::start();
+    let mut available = w.serve_v1("m").await;
+    // A valid version 2, beside the storage root rather than in it.
+    let outside = w.dir.path().join("storage-evil/m/2");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(modules().join("scale2.pt"), outside.join("model.pt")).unwrap();
+    let mut v2 = w.store("m", 2, "scale2", SIG);
+    let inside = std::mem::replace(&mut v2.path, format!("file://{}", outside.display()));
+    available.push(v2.clone());
+    w.publish("m", available.clone()).await;
+    w.aspire("m", &[2]).await;
+
+    let view = w
+        .view_when("m", "version 2 refused", LIMIT, |view| {
+            view.state(2) == Some(VersionState::End) && view.error(2).is_some()
+        })
+        .await;
+    let expected = format!(
+        "location {} of m version 2 is outside the storage roots (--storage-root file://{}); not loaded",
+        v2.path,
+        w.dir.path().join("storage").display()
+    );
+    assert_eq!(view.error(2), Some(expected.as_str()));
+    assert_eq!(view.default, Some(v(1)));
+    ask_checked(&w.default_version("m")).await;
+    assert!(
+        !w.dir.path().join("cache/m/2").exists(),
+        "the refused version was fetched"
+    );
+    eventually("the worker record shows the refusal", LIMIT, || {
+        let record = w.record().ok_or("no record")?;
+        match record.models.get(&name("m")).and_then(|m| m.get(&v(2))) {
+            Some(status) if status.error.as_deref() == Some(expected.as_str()) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // The registry moves version 2 under the roots: it loads and takes over.
+    available[1].path = inside;
+    w.publish("m", available).await;
+    let view = w.available("m", 2).await;
+    assert_eq!(view.error(2), None);
+    assert_eq!(
+        ask(&w.default_version("m"), 2.0).await.unwrap(),
+        scaled(2, 2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
