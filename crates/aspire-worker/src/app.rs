@@ -88,6 +88,14 @@ pub async fn run_worker_with_metrics(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerStartError> {
+    // Checked before anything starts: a bad certificate must stop the worker at once.
+    let tls = settings
+        .serving
+        .ssl_config_file
+        .as_deref()
+        .map(aspire_tls::ServerTls::load)
+        .transpose()
+        .map_err(|e| WorkerStartError::Config(e.to_string()))?;
     let metrics = WorkerMetrics::new();
     // Serves until this function returns.
     let _endpoint = metrics_listener
@@ -152,6 +160,7 @@ pub async fn run_worker_with_metrics(
         manager.ready(),
         listener,
         settings.serving.max_message_size_bytes,
+        tls,
         drain,
     )
     .await;

@@ -76,6 +76,8 @@ impl Cluster {
             max_message_size_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             worker_probe_interval_ms: u64::try_from(probe.as_millis()).unwrap(),
             metrics_port: Some(0),
+            ssl_config_file: None,
+            worker_tls: Default::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let dyn_registry: Arc<dyn Registry> = registry.clone();
