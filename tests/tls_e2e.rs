@@ -342,7 +342,7 @@ async fn router_and_worker_over_mtls() {
     export(&dir.join("m"), 200, 1);
     let data = aspire_mnist::data::load(Path::new(&mnist_data())).expect("data");
     let etcd = EtcdServer::start().expect("etcd");
-    let etcd_flags = vec![
+    let etcd_flags = [
         format!("--etcd-endpoints={}", etcd.endpoint()),
         "--prefix=/tls".to_string(),
     ];
