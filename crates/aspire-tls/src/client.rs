@@ -135,3 +135,92 @@ fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestCa;
+
+    #[test]
+    fn flags_are_checked_and_named() {
+        let ca = TestCa::new("ca");
+        let (a, b) = (ca.issue(&["router"]), ca.issue(&["other"]));
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            Some(path)
+        };
+        let ok = WorkerTlsArgs {
+            ca_file: file("ca.pem", &ca.cert_pem()),
+            cert_file: file("a.pem", &a.cert),
+            key_file: file("a.key", &a.key),
+            server_name: Some("aspire-worker".into()),
+        };
+        assert!(ok.client_config().unwrap().is_some());
+        assert!(WorkerTlsArgs::default().client_config().unwrap().is_none());
+
+        let cases = [
+            (
+                WorkerTlsArgs {
+                    ca_file: None,
+                    ..ok.clone()
+                },
+                "--worker-tls-cert-file: needs --worker-tls-ca-file",
+            ),
+            (
+                WorkerTlsArgs {
+                    key_file: None,
+                    ..ok.clone()
+                },
+                "--worker-tls-cert-file: needs --worker-tls-key-file",
+            ),
+            (
+                WorkerTlsArgs {
+                    cert_file: None,
+                    ..ok.clone()
+                },
+                "--worker-tls-key-file: needs --worker-tls-cert-file",
+            ),
+            (
+                WorkerTlsArgs {
+                    key_file: file("b.key", &b.key),
+                    ..ok.clone()
+                },
+                "does not match",
+            ),
+            (
+                WorkerTlsArgs {
+                    ca_file: file("bad.pem", "nothing"),
+                    ..ok.clone()
+                },
+                "--worker-tls-ca-file: ",
+            ),
+            (
+                WorkerTlsArgs {
+                    cert_file: dir.path().join("missing").into(),
+                    ..ok.clone()
+                },
+                "--worker-tls-cert-file ",
+            ),
+            (
+                WorkerTlsArgs {
+                    server_name: Some("not a name!".into()),
+                    ..ok.clone()
+                },
+                "--worker-tls-server-name",
+            ),
+        ];
+        for (args, expected) in cases {
+            let err = args.client_config().unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn worker_uris_follow_tls() {
+        assert_eq!(worker_uri("10.0.0.1:8501", true), "https://10.0.0.1:8501");
+        assert_eq!(worker_uri("10.0.0.1:8501", false), "http://10.0.0.1:8501");
+        assert_eq!(worker_uri("http://w:1", true), "http://w:1");
+    }
+}

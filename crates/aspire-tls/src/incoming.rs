@@ -116,3 +116,70 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{TestCa, ssl_config_text};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    #[tokio::test]
+    async fn a_silent_peer_does_not_hold_up_the_next_handshake() {
+        let ca = TestCa::new("ca");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ssl.cfg");
+        std::fs::write(
+            &file,
+            ssl_config_text(&ca.issue(&["127.0.0.1"]), None, false),
+        )
+        .unwrap();
+        let tls = ServerTls::load(&file).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls), async {
+                    let _ = stopped.await;
+                }),
+        );
+
+        // Connected, and never says a word: its handshake waits on its own task.
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        // Well inside HANDSHAKE_TIMEOUT: an accept loop that waited on the silent peer's
+        // handshake would not answer in time.
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.cert_pem()));
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap();
+        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT / 4, async {
+            let channel = endpoint.connect().await?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+        })
+        .await;
+        assert!(matches!(answer, Ok(Ok(_))), "{answer:?}");
+
+        // Shutdown drops the stream, which ends the accept loop and closes the listener.
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        let mut closed = false;
+        for _ in 0..100 {
+            if TcpStream::connect(addr).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(closed, "the listener still accepts after shutdown");
+    }
+}
