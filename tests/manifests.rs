@@ -15,7 +15,11 @@
 //! - workers advertise their pod IP and are named after their pod; every service talks to
 //!   the same etcd, the bundled one or none of it; the model config parses with the real
 //!   parser and its paths are mounted alike in discovery and workers;
-//! - no Secret values are written in the manifests; labels and selectors agree.
+//! - no Secret values are written in the manifests; labels and selectors agree;
+//! - TLS: every certificate file a flag names is on a Secret volume; servers with TLS
+//!   are probed with tcpSocket (the kubelet's grpc: probes speak plaintext only); when
+//!   workers serve TLS every router dials them with TLS, by a fixed server name (pod IPs
+//!   cannot be in a certificate made in advance).
 //!
 //! The `negative_*` tests feed broken fragments through the same functions, so that each
 //! of these checks is known to fail when it should.
@@ -302,6 +306,36 @@ impl Parsed {
             Self::Router(c) => Some(c.port),
             Self::Discovery(_) | Self::Ctl(_) => None,
         }
+    }
+
+    /// Whether its gRPC port serves TLS only (`--ssl-config-file`).
+    fn serves_tls(&self) -> bool {
+        match self {
+            Self::Worker(c) => c.serving.ssl_config_file.is_some(),
+            Self::Router(c) => c.ssl_config_file.is_some(),
+            Self::Discovery(_) | Self::Ctl(_) => false,
+        }
+    }
+
+    /// The certificate and key files its flags name, with the flag.
+    fn tls_files(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = Vec::new();
+        match self {
+            Self::Worker(c) => {
+                files.push(("--ssl-config-file", c.serving.ssl_config_file.as_deref()))
+            }
+            Self::Router(c) => files.extend([
+                ("--ssl-config-file", c.ssl_config_file.as_deref()),
+                ("--worker-tls-ca-file", c.worker_tls.ca_file.as_deref()),
+                ("--worker-tls-cert-file", c.worker_tls.cert_file.as_deref()),
+                ("--worker-tls-key-file", c.worker_tls.key_file.as_deref()),
+            ]),
+            Self::Discovery(_) | Self::Ctl(_) => {}
+        }
+        files
+            .into_iter()
+            .filter_map(|(flag, path)| Some((flag, path?)))
+            .collect()
     }
 
     /// The port it serves Prometheus metrics on, if any (the flag, else its default).
@@ -632,7 +666,9 @@ fn probe_port(probe: &Value) -> Option<(&'static str, u64)> {
 
 /// Workers and routers: a gRPC readiness probe on the port they serve, asking for a health
 /// service they report; a liveness probe on that port (gRPC for routers; workers see the
-/// comment in deploy/base/worker.yaml); the port declared under that number.
+/// comment in deploy/base/worker.yaml); the port declared under that number. A port that
+/// serves TLS gets tcpSocket probes instead: the kubelet's grpc: probes speak plaintext,
+/// which a TLS server refuses, so they would never pass.
 fn probe_problems(m: &Manifest) -> Vec<String> {
     let workloads = m.workloads();
     let (checked, _) = check_containers(m, &workloads);
@@ -656,12 +692,18 @@ fn probe_problems(m: &Manifest) -> Vec<String> {
             )),
         }
         };
-        expect("readinessProbe", &c.container["readinessProbe"], &["grpc"]);
+        let tls = c.parsed.serves_tls();
+        let readiness: &[&str] = if tls { &["tcpSocket"] } else { &["grpc"] };
+        expect("readinessProbe", &c.container["readinessProbe"], readiness);
         let liveness: &[&str] = match c.parsed {
+            _ if tls => &["tcpSocket"],
             Parsed::Router(_) => &["grpc"],
             _ => &["grpc", "tcpSocket"],
         };
         expect("livenessProbe", &c.container["livenessProbe"], liveness);
+        if !c.container["startupProbe"].is_null() {
+            expect("startupProbe", &c.container["startupProbe"], readiness);
+        }
         let declared = c.container["ports"]
             .as_array()
             .into_iter()
@@ -669,6 +711,67 @@ fn probe_problems(m: &Manifest) -> Vec<String> {
             .any(|p| p["containerPort"].as_u64() == Some(port));
         if !declared {
             problems.push(format!("{}: containerPort {port} is not declared", c.place));
+        }
+    }
+    problems
+}
+
+/// TLS files come from Secret volumes (a key in a ConfigMap is readable by anyone who may
+/// read ConfigMaps), and both ends of the router→worker hop agree: workers that serve TLS
+/// are dialled with TLS by every router, by a fixed server name since the address a worker
+/// advertises is its pod IP.
+fn tls_problems(m: &Manifest) -> Vec<String> {
+    let workloads = m.workloads();
+    let (checked, _) = check_containers(m, &workloads);
+    let mut problems = Vec::new();
+    for c in &checked {
+        for (flag, path) in c.parsed.tls_files() {
+            let mount = c.container["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|vm| {
+                    vm["mountPath"]
+                        .as_str()
+                        .is_some_and(|p| path.starts_with(p))
+                })
+                .max_by_key(|vm| vm["mountPath"].as_str().map_or(0, str::len));
+            let volume = mount.and_then(|vm| c.workload.volume(vm["name"].as_str()?));
+            if volume.is_none_or(|v| v["secret"]["secretName"].as_str().is_none()) {
+                problems.push(format!(
+                    "{}: {flag} {} is not on a Secret volume",
+                    c.place,
+                    path.display()
+                ));
+            }
+        }
+    }
+    let tls_workers = checked
+        .iter()
+        .filter(|c| matches!(c.parsed, Parsed::Worker(_)) && c.parsed.serves_tls())
+        .count();
+    for c in &checked {
+        let Parsed::Router(router) = &c.parsed else {
+            continue;
+        };
+        let dials_tls = router.worker_tls.ca_file.is_some();
+        if tls_workers > 0 && !dials_tls {
+            problems.push(format!(
+                "{}: workers serve TLS but this router has no --worker-tls-ca-file: it could not reach them",
+                c.place
+            ));
+        }
+        if dials_tls && tls_workers == 0 {
+            problems.push(format!(
+                "{}: --worker-tls-ca-file is set but no worker serves TLS (--ssl-config-file)",
+                c.place
+            ));
+        }
+        if dials_tls && router.worker_tls.server_name.is_none() {
+            problems.push(format!(
+                "{}: workers advertise their pod IP, which no certificate made in advance carries; set --worker-tls-server-name",
+                c.place
+            ));
         }
     }
     problems
@@ -1087,7 +1190,7 @@ fn image_problems(m: &Manifest) -> Vec<String> {
 #[test]
 fn every_overlay_renders_and_validates_with_every_service() {
     let names = overlay_names();
-    for expected in ["dev", "gpu"] {
+    for expected in ["dev", "gpu", "tls"] {
         assert!(
             names.iter().any(|n| n == expected),
             "no deploy/overlays/{expected}"
@@ -1119,6 +1222,43 @@ fn every_container_has_cpu_and_memory_requests_and_limits() {
 #[test]
 fn workers_and_routers_are_probed_on_their_grpc_port() {
     assert_no_problems(probe_problems);
+}
+
+#[test]
+fn tls_files_come_from_secrets_and_both_ends_agree() {
+    assert_no_problems(tls_problems);
+}
+
+#[test]
+fn tls_overlay_serves_tls_on_every_hop() {
+    let m = Manifest::load("tls");
+    let workloads = m.workloads();
+    let (checked, problems) = check_containers(&m, &workloads);
+    assert!(problems.is_empty(), "{problems:?}");
+    let (mut workers, mut routers) = (0, 0);
+    for c in &checked {
+        match &c.parsed {
+            Parsed::Worker(_) => {
+                assert!(c.parsed.serves_tls(), "{}: no --ssl-config-file", c.place);
+                workers += 1;
+            }
+            Parsed::Router(r) => {
+                assert!(c.parsed.serves_tls(), "{}: no --ssl-config-file", c.place);
+                let t = &r.worker_tls;
+                assert!(
+                    t.ca_file.is_some() && t.cert_file.is_some() && t.key_file.is_some(),
+                    "{}: the router must dial workers with mTLS: {t:?}",
+                    c.place
+                );
+                routers += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        workers > 0 && routers > 0,
+        "workers {workers}, routers {routers}"
+    );
 }
 
 #[test]
@@ -1298,6 +1438,7 @@ fn all_problems(m: &Manifest) -> Vec<String> {
         command_line_problems,
         resource_problems,
         probe_problems,
+        tls_problems,
         metrics_problems,
         secret_problems,
         storage_credential_problems,
@@ -1467,4 +1608,30 @@ fn negative_a_short_grace_period_fails() {
         &m,
         &["terminationGracePeriodSeconds 5s is shorter than the drain"],
     );
+}
+
+#[test]
+fn negative_tls_without_a_secret_volume_or_with_grpc_probes_fails() {
+    let mut args = GOOD_WORKER_ARGS.to_vec();
+    args.push("--ssl-config-file=/etc/aspire/tls/ssl.cfg");
+    let m = fragment("aspire-worker", &args, worker_env());
+    assert_problem(
+        &m,
+        &["--ssl-config-file /etc/aspire/tls/ssl.cfg is not on a Secret volume"],
+    );
+    assert_problem(
+        &m,
+        &["readinessProbe must be a tcpSocket probe on port 8501"],
+    );
+
+    let m = fragment(
+        "aspire-router",
+        &["--port=8501", "--worker-tls-ca-file=/etc/aspire/tls/ca.crt"],
+        json!([]),
+    );
+    assert_problem(
+        &m,
+        &["--worker-tls-ca-file is set but no worker serves TLS"],
+    );
+    assert_problem(&m, &["set --worker-tls-server-name"]);
 }

@@ -2,10 +2,13 @@
 (PyPI tensorflow-serving-client-grpc: TF Serving's own generated protos and stubs),
 the way TF Serving's MNIST tutorial client does.
 
-Usage: python tf_serving_client.py HOST:PORT MNIST_CSV_GZ
+Usage: python tf_serving_client.py HOST:PORT MNIST_CSV_GZ [--ca CA_PEM [--cert CERT_PEM --key KEY_PEM]]
+With --ca the channel is TLS (grpc.ssl_channel_credentials, the server verified against
+CA_PEM); with --cert and --key too, the client presents that certificate (mTLS).
 Exits non-zero with a message on the first mismatch.
 """
 
+import argparse
 import gzip
 import struct
 import sys
@@ -52,8 +55,26 @@ def check(cond, message):
 
 
 def main():
-    server, data = sys.argv[1], sys.argv[2]
-    channel = grpc.insecure_channel(server)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("server")
+    parser.add_argument("data")
+    parser.add_argument("--ca", help="PEM of the CA the server's certificate is signed by")
+    parser.add_argument("--cert", help="client certificate (PEM), for mTLS")
+    parser.add_argument("--key", help="client private key (PEM), for mTLS")
+    args = parser.parse_args()
+    server, data = args.server, args.data
+    if args.ca:
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.ca),
+            private_key=read(args.key) if args.key else None,
+            certificate_chain=read(args.cert) if args.cert else None,
+        )
+        channel = grpc.secure_channel(server, credentials)
+    else:
+        channel = grpc.insecure_channel(server)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
     answers = {}

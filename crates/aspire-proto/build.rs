@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tensorflow_serving/apis/model_service.proto",
         "tensorflow_serving/config/model_server_config.proto",
         "tensorflow_serving/config/batching_parameters.proto",
+        "tensorflow_serving/config/ssl_config.proto",
     ];
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

@@ -3,10 +3,12 @@
 //! `aspire-server` where the two share a flag; the etcd flags are the ones every clustered
 //! binary takes ([`EtcdArgs`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aspire_registry::cli::EtcdArgs;
 use aspire_telemetry::metrics::MetricsPort;
+use aspire_tls::WorkerTlsArgs;
 use clap::Parser;
 
 pub use aspire_ingress::DEFAULT_MAX_MESSAGE_BYTES;
@@ -76,6 +78,18 @@ pub struct RouterConfig {
         env = "ASPIRE_METRICS_PORT"
     )]
     pub metrics_port: Option<u16>,
+    /// TensorFlow Serving's SSL config file (text-format `SSLConfig`: `server_key`,
+    /// `server_cert`, `custom_ca` as PEM text, `client_verify`); given, clients must use
+    /// TLS, and the file is re-read when it changes [default: plaintext].
+    #[arg(
+        long = "ssl-config-file",
+        visible_alias = "ssl_config_file",
+        env = "ASPIRE_SSL_CONFIG_FILE"
+    )]
+    pub ssl_config_file: Option<PathBuf>,
+    /// TLS to workers.
+    #[command(flatten)]
+    pub worker_tls: WorkerTlsArgs,
 }
 
 impl RouterConfig {

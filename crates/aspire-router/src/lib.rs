@@ -92,6 +92,16 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    // Checked before anything starts: a bad certificate must stop the router at once.
+    let tls = config
+        .ssl_config_file
+        .as_deref()
+        .map(aspire_tls::ServerTls::load)
+        .transpose()?;
+    let worker_tls = config.worker_tls.client_config()?;
+    if worker_tls.is_some() {
+        tracing::info!("TLS to workers on: worker channels verify each worker's certificate");
+    }
     let local = listener.local_addr()?;
     let table = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let metrics = RouterMetrics::new({
@@ -108,6 +118,7 @@ pub async fn run_with_metrics(
         registry.subscribe(),
         Arc::clone(&table),
         ready_tx,
+        worker_tls,
     ));
     let router = Arc::new(Router {
         table,
@@ -124,7 +135,6 @@ pub async fn run_with_metrics(
     let models = ModelServiceServer::new(RouterApi::new(Arc::clone(&router)))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let ingress = IngressLayer::new(
         max,
         "--max-message-size-bytes",
@@ -137,19 +147,29 @@ pub async fn run_with_metrics(
     );
     tracing::info!(address = %local, prefix = %registry.schema().prefix(), "aspire-router listening");
 
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
         .layer(ingress)
         .add_service(health)
         .add_service(PredictionRouter::new(router))
-        .add_service(models)
-        .serve_with_incoming_shutdown(incoming, async {
-            shutdown.await;
-            health_task.abort();
-            set_health(&reporter, ServingStatus::NotServing).await;
-            tracing::info!("aspire-router stops accepting; finishing requests in flight");
-        })
-        .await;
+        .add_service(models);
+    let stop = async {
+        shutdown.await;
+        health_task.abort();
+        set_health(&reporter, ServingStatus::NotServing).await;
+        tracing::info!("aspire-router stops accepting; finishing requests in flight");
+    };
+    let result = match tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(aspire_tls::tls_incoming(listener, tls), stop)
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            server.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    };
     follower.abort();
     // Held to here: dropping a registry may stop its watch (etcd's background tasks).
     drop(registry);

@@ -11,6 +11,7 @@ use aspire_core::records::VersionState;
 use aspire_core::{ClusterState, ModelName, Version, WorkerRecord};
 use aspire_proto::serving::{ModelSpec, model_spec::VersionChoice};
 use tokio::sync::watch;
+use tonic::transport::ClientTlsConfig;
 
 use crate::error::RouterError;
 use crate::workers::{self, Endpoint, WorkerHandle};
@@ -165,6 +166,8 @@ pub(crate) struct TableBuilder {
     endpoints: HashMap<String, Arc<Endpoint>>,
     /// Records whose address is unusable, so each is logged once.
     refused: HashMap<String, WorkerRecord>,
+    /// TLS for worker channels (`--worker-tls-*`); `None` for plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl TableBuilder {
@@ -230,7 +233,7 @@ impl TableBuilder {
         if let Some(ep) = self.endpoints.get(address) {
             return Ok(Arc::clone(ep));
         }
-        let ep = Arc::new(Endpoint::connect_lazy(address)?);
+        let ep = Arc::new(Endpoint::connect_lazy(address, self.tls.as_ref())?);
         self.endpoints.insert(address.to_string(), Arc::clone(&ep));
         Ok(ep)
     }
@@ -242,8 +245,12 @@ pub(crate) async fn follow_registry(
     mut states: watch::Receiver<Arc<ClusterState>>,
     table: Arc<ArcSwap<RoutingTable>>,
     ready: watch::Sender<bool>,
+    tls: Option<ClientTlsConfig>,
 ) {
-    let mut builder = TableBuilder::default();
+    let mut builder = TableBuilder {
+        tls,
+        ..TableBuilder::default()
+    };
     loop {
         let state = Arc::clone(&states.borrow_and_update());
         table.store(Arc::new(builder.build(state)));

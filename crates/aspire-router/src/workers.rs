@@ -15,7 +15,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use aspire_core::WorkerRecord;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -40,19 +40,24 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// A channel to `address` (`host:port`, or a URI) that connects on first use.
-    pub(crate) fn connect_lazy(address: &str) -> Result<Self, String> {
-        let uri = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
-        };
-        let endpoint = tonic::transport::Endpoint::from_shared(uri)
+    /// A channel to `address` (`host:port`, or a URI) that connects on first use, over
+    /// TLS when `tls` is given (Predict and the health probes share it).
+    pub(crate) fn connect_lazy(
+        address: &str,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, String> {
+        let uri = aspire_tls::worker_uri(address, tls.is_some());
+        let mut endpoint = tonic::transport::Endpoint::from_shared(uri)
             .map_err(|e| format!("worker address {address:?} is not a valid address: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("worker address {address:?}: cannot use TLS: {e}"))?;
+        }
         Ok(Self {
             address: address.to_string(),
             channel: endpoint.connect_lazy(),
@@ -205,7 +210,9 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, load)| {
-                let ep = Arc::new(Endpoint::connect_lazy(&format!("127.0.0.1:{}", 1 + i)).unwrap());
+                let ep = Arc::new(
+                    Endpoint::connect_lazy(&format!("127.0.0.1:{}", 1 + i), None).unwrap(),
+                );
                 ep.in_flight.store(*load, Ordering::Relaxed);
                 Arc::new(WorkerHandle::new(
                     format!("w{i}"),
@@ -254,6 +261,92 @@ mod tests {
         workers[1].mark_down("test", Duration::from_secs(3600));
         assert!(pick(&workers, None).is_none());
         assert!(pick(&[], None).is_none());
+    }
+
+    /// A worker's health service over mTLS (client certificates from `ca`), in process.
+    async fn tls_health_server(ca: &aspire_tls::testing::TestCa) -> (String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ssl.cfg");
+        let server = ca.issue(&["127.0.0.1"]);
+        let text = aspire_tls::testing::ssl_config_text(&server, Some(&ca.cert_pem()), true);
+        std::fs::write(&file, text).unwrap();
+        let tls = aspire_tls::ServerTls::load(&file).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(PREDICTION_SERVICE, tonic_health::ServingStatus::Serving)
+            .await;
+        tokio::spawn(async move {
+            let _reporter = reporter;
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(aspire_tls::tls_incoming(listener, tls))
+                .await
+        });
+        (addr, dir)
+    }
+
+    fn client_tls(ca: &aspire_tls::testing::TestCa, identity: bool) -> ClientTlsConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            Some(path)
+        };
+        let pair = ca.issue(&["router"]);
+        let args = aspire_tls::WorkerTlsArgs {
+            ca_file: write("ca.pem", &ca.cert_pem()),
+            cert_file: identity.then(|| write("cert.pem", &pair.cert)).flatten(),
+            key_file: identity.then(|| write("key.pem", &pair.key)).flatten(),
+            server_name: None,
+        };
+        args.client_config().unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn health_probes_bring_a_worker_back_over_mtls() {
+        let ca = aspire_tls::testing::TestCa::new("cluster CA");
+        let (addr, _dir) = tls_health_server(&ca).await;
+        let with_cert =
+            Arc::new(Endpoint::connect_lazy(&addr, Some(&client_tls(&ca, true))).unwrap());
+        let worker = Arc::new(WorkerHandle::new(
+            "w".into(),
+            WorkerRecord::default(),
+            with_cert,
+        ));
+        worker.mark_down("test", Duration::from_millis(10));
+        let start = std::time::Instant::now();
+        while !worker.is_live() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the probe over mTLS never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Without a client certificate the same worker refuses the connection.
+        let without = Endpoint::connect_lazy(&addr, Some(&client_tls(&ca, false))).unwrap();
+        let refused = HealthClient::new(without.channel.clone())
+            .check(HealthCheckRequest {
+                service: PREDICTION_SERVICE.into(),
+            })
+            .await;
+        assert!(
+            refused.is_err(),
+            "a router without a certificate was served: {refused:?}"
+        );
+        // Nor does a plaintext channel get an answer.
+        let plain = Endpoint::connect_lazy(&addr, None).unwrap();
+        let refused = HealthClient::new(plain.channel.clone())
+            .check(HealthCheckRequest {
+                service: PREDICTION_SERVICE.into(),
+            })
+            .await;
+        assert!(
+            refused.is_err(),
+            "a plaintext router was served: {refused:?}"
+        );
     }
 
     #[tokio::test]

@@ -15,7 +15,6 @@ pub const UNIMPLEMENTED: &[&str] = &[
     "grpc_max_threads",
     "enable_model_warmup",
     "monitoring_config_file",
-    "ssl_config_file",
     "platform_config_file",
     "per_process_gpu_memory_fraction",
     "saved_model_tags",

@@ -91,6 +91,14 @@ pub async fn run_worker_with_metrics(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerStartError> {
+    // Checked before anything starts: a bad certificate must stop the worker at once.
+    let tls = settings
+        .serving
+        .ssl_config_file
+        .as_deref()
+        .map(aspire_tls::ServerTls::load)
+        .transpose()
+        .map_err(|e| WorkerStartError::Config(e.to_string()))?;
     let metrics = WorkerMetrics::new();
     // Serves until this function returns.
     let _endpoint = metrics_listener
@@ -171,6 +179,7 @@ pub async fn run_worker_with_metrics(
             max_inflight_bytes: settings.serving.max_inflight_bytes,
             max_concurrent_streams: settings.serving.max_concurrent_streams,
         },
+        tls,
         drain,
     )
     .await;

@@ -302,6 +302,15 @@ pub struct ServingArgs {
         env = "ASPIRE_CACHE_DIR"
     )]
     pub cache_dir: Option<PathBuf>,
+    /// TensorFlow Serving's SSL config file (text-format `SSLConfig`: `server_key`,
+    /// `server_cert`, `custom_ca` as PEM text, `client_verify`); given, gRPC is served
+    /// over TLS only, and the file is re-read when it changes [default: plaintext].
+    #[arg(
+        long = "ssl-config-file",
+        visible_alias = "ssl_config_file",
+        env = "ASPIRE_SSL_CONFIG_FILE"
+    )]
+    pub ssl_config_file: Option<PathBuf>,
 }
 
 impl ServingArgs {

@@ -1,10 +1,12 @@
-//! Serving the gRPC API on an already-bound listener, with the gRPC health protocol.
+//! Serving the gRPC API on an already-bound listener, with the gRPC health protocol,
+//! in plaintext or over TLS (`--ssl_config_file`).
 
 use std::future::Future;
 
 use aspire_ingress::{InflightBudget, IngressLayer, PREDICT_PATH};
 use aspire_proto::serving::model_service_server::ModelServiceServer;
 use aspire_proto::serving::prediction_service_server::PredictionServiceServer;
+use aspire_tls::{ServerTls, tls_incoming};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -26,12 +28,14 @@ pub struct ServerLimits {
 /// Serves `api` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// requests in flight finish. Every request is held to `limits` as its bytes arrive
 /// ([`aspire_ingress`]). The health service reports SERVING for the whole server
-/// ("") and for `PredictionService` while `ready` is true.
+/// ("") and for `PredictionService` while `ready` is true. With `tls`, every connection
+/// must complete a TLS handshake first (plaintext clients are refused).
 pub async fn serve(
     api: ServingApi,
     mut ready: watch::Receiver<bool>,
     listener: TcpListener,
     limits: ServerLimits,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let max_message_bytes = limits.max_message_bytes;
@@ -58,7 +62,6 @@ pub async fn serve(
     let models = ModelServiceServer::new(api)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let ingress = IngressLayer::new(
         max_message_bytes,
         "--max-message-size-bytes",
@@ -69,14 +72,25 @@ pub async fn serve(
         ),
         &[PREDICT_PATH],
     );
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(ingress)
         .add_service(health)
         .add_service(prediction)
-        .add_service(models)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(models);
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     health_task.abort();
     result
 }
