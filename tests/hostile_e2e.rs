@@ -343,6 +343,7 @@ async fn through_the_router_a_refused_request_reaches_one_worker_only() {
                     format!("--port={port}"),
                     format!("--worker-id={id}"),
                     format!("--metrics-port={metrics_port}"),
+                    format!("--storage-root={}", tmp.path().join("mnist").display()),
                 ],
             ]
             .concat(),

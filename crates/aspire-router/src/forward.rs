@@ -271,7 +271,9 @@ impl Drop for PredictRecord<'_> {
 fn worker_went_away(status: &Status) -> bool {
     match status.code() {
         Code::Unavailable => true,
-        Code::Unknown | Code::Internal => status.source().is_some(),
+        // A connection that closes under the call (a worker refusing the router's TLS
+        // client certificate after the handshake, under TLS 1.3) comes as CANCELLED.
+        Code::Unknown | Code::Internal | Code::Cancelled => status.source().is_some(),
         _ => false,
     }
 }
@@ -327,6 +329,7 @@ mod tests {
         assert!(!worker_went_away(&Status::invalid_argument("bad shape")));
         assert!(!worker_went_away(&Status::resource_exhausted("queue full")));
         assert!(!worker_went_away(&Status::deadline_exceeded("late")));
+        assert!(!worker_went_away(&Status::cancelled("sent by the worker")));
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         let broken = Status::from_error(Box::new(io));
         assert!(worker_went_away(&broken), "{broken:?}");
