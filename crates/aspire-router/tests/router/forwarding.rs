@@ -324,36 +324,43 @@ async fn client_metadata_reaches_the_worker_without_hop_headers() {
     assert!(got.get("x-aspire-route").is_none(), "{got:?}");
 }
 
-#[tokio::test]
-async fn a_message_over_the_size_limit_is_refused_and_never_forwarded() {
-    let cluster = Cluster::start_with_args(
-        Duration::from_secs(60),
-        false,
-        &[
-            "--max-message-size-bytes=100000",
-            "--max-inflight-bytes=100000",
-        ],
-    )
-    .await;
+/// A router with `limits` on its command line and one fake worker serving model `m` v1,
+/// ready to answer.
+async fn limited_cluster(limits: &[&str]) -> (Cluster, FakeWorker) {
+    let cluster = Cluster::start_with_args(Duration::from_secs(60), false, limits).await;
     let a = FakeWorker::start("a").await;
     cluster.model("m", &[1], &[1]).await;
     cluster.register(&a, &[(1, Available)]).await;
-    let mut client = cluster.client();
-    eventually_default_version(&mut client, "m", 1).await;
-    let calls = a.state.calls();
-    let request = PredictRequest {
+    eventually_default_version(&mut cluster.client(), "m", 1).await;
+    (cluster, a)
+}
+
+/// A Predict for `m` whose input carries `bytes` bytes of `tensor_content`.
+fn request_of(bytes: usize) -> PredictRequest {
+    PredictRequest {
         model_spec: Some(spec("m", None)),
         inputs: HashMap::from([(
             "images".to_string(),
             TensorProto {
                 dtype: 1,
-                tensor_content: Bytes::from(vec![1u8; 200_000]),
+                tensor_content: Bytes::from(vec![1u8; bytes]),
                 ..Default::default()
             },
         )]),
         output_filter: vec![],
-    };
-    let err = client.predict(request).await.unwrap_err();
+    }
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_and_never_forwarded() {
+    let (cluster, a) = limited_cluster(&[
+        "--max-message-size-bytes=100000",
+        "--max-inflight-bytes=100000",
+    ])
+    .await;
+    let mut client = cluster.client();
+    let calls = a.state.calls();
+    let err = client.predict(request_of(200_000)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
         err.message()
@@ -368,32 +375,13 @@ async fn a_message_over_the_size_limit_is_refused_and_never_forwarded() {
 
 #[tokio::test]
 async fn past_the_in_flight_budget_the_router_sheds_at_once() {
-    let cluster = Cluster::start_with_args(
-        Duration::from_secs(60),
-        false,
-        &[
-            "--max-message-size-bytes=300000",
-            "--max-inflight-bytes=500000",
-        ],
-    )
+    let (cluster, a) = limited_cluster(&[
+        "--max-message-size-bytes=300000",
+        "--max-inflight-bytes=500000",
+    ])
     .await;
-    let a = FakeWorker::start("a").await;
-    cluster.model("m", &[1], &[1]).await;
-    cluster.register(&a, &[(1, Available)]).await;
     let mut client = cluster.client();
-    eventually_default_version(&mut client, "m", 1).await;
-    let request = || PredictRequest {
-        model_spec: Some(spec("m", None)),
-        inputs: HashMap::from([(
-            "images".to_string(),
-            TensorProto {
-                dtype: 1,
-                tensor_content: Bytes::from(vec![1u8; 200_000]),
-                ..Default::default()
-            },
-        )]),
-        output_filter: vec![],
-    };
+    let request = || request_of(200_000);
     // Two held by a hanging worker take 400 kB of the 500 kB budget.
     a.state.set_mode(Mode::Hang);
     let base = a.state.calls();
