@@ -85,6 +85,12 @@ impl ModelWatch {
         self.problem.as_ref().map(|(_, why)| why.as_str())
     }
 
+    /// Some version directory changed since the poll before, or was listed once only: a
+    /// further poll is needed to know whether it is complete.
+    pub(crate) fn settling(&self) -> bool {
+        self.versions.values().any(|d| !d.stable)
+    }
+
     pub(crate) async fn poll(&mut self, registry: &dyn Registry) {
         let location = match &self.location {
             Ok(location) => location.clone(),

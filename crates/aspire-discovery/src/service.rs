@@ -64,7 +64,8 @@ pub struct ModelArgs {
         default_value_t = 0
     )]
     pub model_config_file_poll_wait_seconds: u64,
-    /// Poll storage for new versions every N seconds (0: once at startup).
+    /// Poll storage for new versions every N seconds (0: load what storage holds at
+    /// startup, polling each second only until those versions settle, then stop).
     #[arg(
         long = "file_system_poll_wait_seconds",
         visible_alias = "file-system-poll-wait-seconds",

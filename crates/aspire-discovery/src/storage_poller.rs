@@ -26,6 +26,10 @@ use tracing::{info, warn};
 use crate::model_config::ModelConfig;
 use crate::model_watch::ModelWatch;
 
+/// With `--file_system_poll_wait_seconds=0`, how soon the startup polls repeat while
+/// version directories settle (a version counts once two listings agree).
+pub const SETTLE_POLL: Duration = Duration::from_secs(1);
+
 /// Polls the base path of each configured model and publishes what it finds.
 pub struct StoragePoller {
     models: BTreeMap<ModelName, ModelWatch>,
@@ -134,10 +138,17 @@ impl StoragePoller {
         futures::future::join_all(self.models.values_mut().map(|w| w.poll(registry))).await;
     }
 
+    /// Whether some model has a version directory that needs another poll to settle.
+    fn settling(&self) -> bool {
+        self.models.values().any(ModelWatch::settling)
+    }
+
     /// Polls every `poll_interval` until `shutdown` completes. A `poll_interval` of zero
-    /// polls once at startup only (TF Serving's meaning of
-    /// `--file_system_poll_wait_seconds=0`), and again only when the models change
-    /// through a [`ModelsHandle`]. A poll in progress is abandoned at shutdown.
+    /// is TF Serving's `--file_system_poll_wait_seconds=0`, "load once at startup": it
+    /// polls at startup (and when the models change through a [`ModelsHandle`]) every
+    /// [`SETTLE_POLL`] until every version directory it found has listed the same twice,
+    /// so what was there at startup is served, then stops polling. A poll in progress is
+    /// abandoned at shutdown.
     pub async fn run(
         mut self,
         registry: Arc<dyn Registry>,
@@ -150,11 +161,15 @@ impl StoragePoller {
                 () = &mut shutdown => return,
                 () = self.poll_once(registry.as_ref()) => {}
             }
+            let wait = match (poll_interval.is_zero(), self.settling()) {
+                (false, _) => Some(poll_interval),
+                (true, true) => Some(SETTLE_POLL),
+                (true, false) => None,
+            };
             let next_tick = async {
-                if poll_interval.is_zero() {
-                    std::future::pending::<()>().await;
-                } else {
-                    tokio::time::sleep(poll_interval).await;
+                match wait {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending::<()>().await,
                 }
             };
             tokio::select! {
@@ -224,24 +239,62 @@ mod tests {
         task.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn zero_interval_polls_once_then_waits_for_shutdown() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn zero_interval_serves_what_was_there_at_startup_then_stops_polling() {
         let tmp = tempfile::tempdir().unwrap();
-        write_version(tmp.path(), 1);
+        let (m, control) = (tmp.path().join("m"), tmp.path().join("c"));
+        write_version(&m, 1);
+        write_version(&control, 1);
         let registry = Arc::new(MemoryRegistry::default());
-        let poller = StoragePoller::new(vec![model("m", tmp.path())]);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(poller.run(registry.clone(), Duration::ZERO, async {
-            let _ = stopped.await;
-        }));
-        // One poll sees version 1 once: not yet complete, and no second poll comes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(registry.state().await.unwrap().models.is_empty());
-        assert!(!task.is_finished());
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .unwrap()
-            .unwrap();
+        let mut state = registry.subscribe();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let once = StoragePoller::new(vec![model("m", &m)]);
+        let once = tokio::spawn(once.run(
+            registry.clone(),
+            Duration::ZERO,
+            until_stopped(stopped.clone()),
+        ));
+        // A control that polls every second, to prove time for polls has passed.
+        let every = StoragePoller::new(vec![model("c", &control)]);
+        let every = tokio::spawn(every.run(
+            registry.clone(),
+            Duration::from_secs(1),
+            until_stopped(stopped),
+        ));
+        let (name_m, name_c) = (ModelName::new("m").unwrap(), ModelName::new("c").unwrap());
+        let served = |s: &aspire_core::ClusterState, name: &ModelName| {
+            s.models
+                .get(name)
+                .and_then(|m| m.available.as_ref())
+                .map(|a| a.numbers().iter().map(|v| v.get()).collect::<Vec<_>>())
+        };
+        // What was there at startup is served: the startup polls repeat until it settles.
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            state.wait_for(|s| served(s, &name_m) == Some(vec![1])),
+        )
+        .await
+        .expect("v1 published with a zero interval")
+        .unwrap();
+        // Then it stops polling: a version added later is not seen, though the control
+        // poller (every second) sees its own new version, which takes two polls.
+        write_version(&m, 2);
+        write_version(&control, 2);
+        let s = tokio::time::timeout(
+            Duration::from_secs(20),
+            state.wait_for(|s| served(s, &name_c) == Some(vec![1, 2])),
+        )
+        .await
+        .expect("the control saw v2")
+        .unwrap()
+        .clone();
+        assert_eq!(served(&s, &name_m), Some(vec![1]));
+        assert!(!once.is_finished());
+        stop.send(true).unwrap();
+        once.await.unwrap();
+        every.await.unwrap();
     }
 }
