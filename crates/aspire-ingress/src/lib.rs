@@ -35,3 +35,48 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// The gRPC path of TensorFlow Serving's Predict, the method charged to the budget.
 pub const PREDICT_PATH: &str = "/tensorflow.serving.PredictionService/Predict";
+
+/// Checks `--max-message-size-bytes`, `--max-inflight-bytes` and `--max-concurrent-streams`
+/// against each other, for every server that takes them; the error names the flags.
+pub fn check_limits(
+    max_message_bytes: usize,
+    max_inflight_bytes: usize,
+    max_concurrent_streams: u32,
+) -> Result<(), String> {
+    for (flag, value) in [
+        ("--max-message-size-bytes", max_message_bytes),
+        ("--max-inflight-bytes", max_inflight_bytes),
+        ("--max-concurrent-streams", max_concurrent_streams as usize),
+    ] {
+        if value == 0 {
+            return Err(format!("{flag} must be positive"));
+        }
+    }
+    if max_inflight_bytes < max_message_bytes {
+        return Err(format!(
+            "--max-inflight-bytes ({max_inflight_bytes}) is smaller than --max-message-size-bytes ({max_message_bytes}): a request at the size limit could never be served; raise the first or lower the second"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_checked_against_each_other() {
+        assert!(check_limits(DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_INFLIGHT_BYTES, 1).is_ok());
+        assert_eq!(
+            check_limits(10, 10, 0).unwrap_err(),
+            "--max-concurrent-streams must be positive"
+        );
+        let err = check_limits(11, 10, 1).unwrap_err();
+        assert!(
+            err.starts_with(
+                "--max-inflight-bytes (10) is smaller than --max-message-size-bytes (11)"
+            ),
+            "{err}"
+        );
+    }
+}

@@ -103,18 +103,11 @@ impl RouterConfig {
         if self.runtime_worker_threads == Some(0) {
             return Err("--runtime-worker-threads must be at least 1".into());
         }
-        if self.max_message_size_bytes == 0 {
-            return Err("--max-message-size-bytes must be positive".into());
-        }
-        if self.max_concurrent_streams == 0 {
-            return Err("--max-concurrent-streams must be positive".into());
-        }
-        if self.max_inflight_bytes < self.max_message_size_bytes {
-            return Err(format!(
-                "--max-inflight-bytes ({}) is smaller than --max-message-size-bytes ({}): a request at the size limit could never be forwarded; raise the first or lower the second",
-                self.max_inflight_bytes, self.max_message_size_bytes
-            ));
-        }
+        aspire_ingress::check_limits(
+            self.max_message_size_bytes,
+            self.max_inflight_bytes,
+            self.max_concurrent_streams,
+        )?;
         if self.worker_probe_interval_ms == 0 {
             return Err("--worker-probe-interval-ms must be positive".into());
         }

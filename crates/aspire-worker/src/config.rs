@@ -316,26 +316,14 @@ pub struct ServingArgs {
 impl ServingArgs {
     /// Checks the limits clap cannot; the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        for (flag, value) in [
-            ("--max-message-size-bytes", self.max_message_size_bytes),
-            ("--max-request-bytes", self.max_request_bytes),
-            ("--max-inflight-bytes", self.max_inflight_bytes),
-            (
-                "--max-concurrent-streams",
-                self.max_concurrent_streams as usize,
-            ),
-        ] {
-            if value == 0 {
-                return Err(format!("{flag} must be positive"));
-            }
+        if self.max_request_bytes == 0 {
+            return Err("--max-request-bytes must be positive".into());
         }
-        if self.max_inflight_bytes < self.max_message_size_bytes {
-            return Err(format!(
-                "--max-inflight-bytes ({}) is smaller than --max-message-size-bytes ({}): a request at the size limit could never be served; raise the first or lower the second",
-                self.max_inflight_bytes, self.max_message_size_bytes
-            ));
-        }
-        Ok(())
+        aspire_ingress::check_limits(
+            self.max_message_size_bytes,
+            self.max_inflight_bytes,
+            self.max_concurrent_streams,
+        )
     }
 
     /// Threads for the async runtime.
