@@ -4,6 +4,7 @@
 //! registry key by hand.
 
 pub mod dtype;
+pub mod hop;
 pub mod keys;
 pub mod model;
 pub mod records;

@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod etcd;
 pub mod etcd_server;
 mod memory;
+pub mod tcp_proxy;
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 
 pub use etcd::{EtcdAuth, EtcdOptions, EtcdRegistry, EtcdSecurity, EtcdTls};
 pub use memory::MemoryRegistry;
+pub use tcp_proxy::{ProxyMode, TcpProxy};
 
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,8 @@ use tonic::Status;
 
 use crate::batcher::BatchError;
 
+pub use aspire_core::hop::{DEFAULT_VERSION_TRAILER, FORWARDED_HEADER, UNLOADING_TRAILER};
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -46,6 +48,20 @@ pub enum WorkerError {
     /// The version is going away or the server is shutting down; retry elsewhere.
     #[error("{0}")]
     Unavailable(String),
+    /// A request a router forwarded names a version this worker is unloading, or has
+    /// unloaded. Not an error of the worker nor of the request: the router's view lags.
+    /// Sent as UNAVAILABLE with the [`UNLOADING_TRAILER`] (and, when the model has one,
+    /// [`DEFAULT_VERSION_TRAILER`]) so that the router picks again instead of marking the
+    /// worker down; clients never see it.
+    #[error("version {version} of model '{model}' is being unloaded on this worker")]
+    VersionUnloading {
+        /// The model.
+        model: ModelName,
+        /// The version asked for.
+        version: Version,
+        /// The version a request without one would get here now, if any.
+        default_version: Option<Version>,
+    },
     /// A method Aspire does not implement.
     #[error("{0}")]
     Unimplemented(String),
@@ -68,6 +84,18 @@ impl From<WorkerError> for Status {
             WorkerError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             WorkerError::Internal(_) => Status::internal(msg),
             WorkerError::Unavailable(_) => Status::unavailable(msg),
+            WorkerError::VersionUnloading {
+                version,
+                default_version,
+                ..
+            } => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert(UNLOADING_TRAILER, version.as_i64().into());
+                if let Some(v) = default_version {
+                    metadata.insert(DEFAULT_VERSION_TRAILER, v.as_i64().into());
+                }
+                Status::with_metadata(tonic::Code::Unavailable, msg, metadata)
+            }
             WorkerError::Unimplemented(_) => Status::unimplemented(msg),
         }
     }
