@@ -131,11 +131,11 @@ impl Drop for TcpProxy {
     }
 }
 
+/// Chunks read and the time each is due to be written, with the writer's wake-up.
+type ChunkQueue = (Mutex<VecDeque<(Instant, Vec<u8>)>>, Condvar);
+
 fn close_all(shared: &Shared) {
-    let mut conns = shared
-        .connections
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut conns = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
     for c in conns.drain(..) {
         let _ = c.shutdown(Shutdown::Both);
     }
@@ -214,7 +214,7 @@ fn connection(client: TcpStream, shared: &Arc<Shared>) {
 fn pump(mut from: TcpStream, to: TcpStream, shared: &Arc<Shared>, generation: u64) {
     // Chunks waiting for their time, written by a thread of their own so that reading
     // goes on meanwhile (a delay must not also throttle).
-    let queue: Arc<(Mutex<VecDeque<(Instant, Vec<u8>)>>, Condvar)> = Arc::default();
+    let queue: Arc<ChunkQueue> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
     let writer = {
         let queue = queue.clone();
@@ -328,7 +328,11 @@ mod tests {
         let start = Instant::now();
         assert_eq!(round_trip(&mut conn, b"late").unwrap(), b"late");
         // Both directions are delayed.
-        assert!(start.elapsed() >= Duration::from_millis(600), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            start.elapsed()
+        );
 
         proxy.cut();
         // The open connection is closed by the cut.
@@ -345,7 +349,9 @@ mod tests {
 
         proxy.restore();
         let mut again = TcpStream::connect(proxy.address()).unwrap();
-        again.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        again
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         assert_eq!(round_trip(&mut again, b"back").unwrap(), b"back");
     }
 }
