@@ -15,7 +15,7 @@ pub use dtype::DType;
 pub use model::{ModelName, Version};
 pub use records::{
     AspiredVersions, AvailableVersion, AvailableVersions, ClusterState, Desired, DesiredSource,
-    ModelState, VersionState, VersionStatus, WorkerRecord,
+    ModelState, SlowPasses, VersionState, VersionStatus, WorkerRecord,
 };
 pub use signature::{Signature, SignatureMap, TensorSpec};
 pub use version_policy::VersionPolicy;

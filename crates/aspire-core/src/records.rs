@@ -106,6 +106,24 @@ pub struct WorkerRecord {
     pub device: String,
     /// Per model, each version's status.
     pub models: BTreeMap<ModelName, BTreeMap<Version, VersionStatus>>,
+    /// Versions with forward passes that ran past the worker's `--slow-pass-seconds`
+    /// (absent from records of workers that had none, or that predate the field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slow_passes: Vec<SlowPasses>,
+}
+
+/// A version's forward passes that ran past the worker's slow-pass threshold: a model
+/// stuck or far slower than usual on some input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowPasses {
+    /// The model.
+    pub model: ModelName,
+    /// The version.
+    pub version: Version,
+    /// Passes running past the threshold now.
+    pub running: u64,
+    /// Passes that ran past it since the version loaded (those running now included).
+    pub total: u64,
 }
 
 impl WorkerRecord {
@@ -442,6 +460,7 @@ mod tests {
                     ),
                 ]),
             )]),
+            ..Default::default()
         };
         st.apply(
             &s,
@@ -453,5 +472,37 @@ mod tests {
         assert!(json.contains("\"AVAILABLE\""), "{json}");
         st.apply(&s, "/aspire/workers/w1", None);
         assert!(st.workers.is_empty());
+    }
+
+    #[test]
+    fn slow_passes_are_optional_both_ways() {
+        // A record from a worker that predates the field still parses, with none.
+        let old = r#"{"address":"127.0.0.1:1","device":"cpu","models":{}}"#;
+        let rec: WorkerRecord = serde_json::from_str(old).unwrap();
+        assert!(rec.slow_passes.is_empty());
+        // Without slow passes the record is written as before.
+        assert_eq!(serde_json::to_string(&rec).unwrap(), old);
+        let slow = WorkerRecord {
+            slow_passes: vec![SlowPasses {
+                model: ModelName::new("m").unwrap(),
+                version: v(2),
+                running: 1,
+                total: 3,
+            }],
+            ..rec
+        };
+        let json = serde_json::to_string(&slow).unwrap();
+        assert!(
+            json.contains(r#""slow_passes":[{"model":"m","version":2,"running":1,"total":3}]"#),
+            "{json}"
+        );
+        // An older reader ignores the unknown field (serde's default).
+        #[derive(serde::Deserialize)]
+        struct OldRecord {
+            address: String,
+        }
+        let parsed: OldRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed.address, "127.0.0.1:1");
+        assert_eq!(serde_json::from_str::<WorkerRecord>(&json).unwrap(), slow);
     }
 }

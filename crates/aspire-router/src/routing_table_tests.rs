@@ -27,6 +27,7 @@ fn record(port: u16, versions: &[(u64, VersionState)]) -> WorkerRecord {
         address: format!("127.0.0.1:{port}"),
         device: "cpu".into(),
         models: BTreeMap::from([(ModelName::new("m").unwrap(), statuses)]),
+        ..Default::default()
     }
 }
 

@@ -149,6 +149,8 @@ pub async fn run_worker_with_metrics(
         load_retry_initial: Duration::from_secs(1),
         load_retry_max: Duration::from_secs(60),
         unload_grace: UNLOAD_GRACE,
+        unload_drain: settings.serving.unload_drain(),
+        slow_pass: settings.serving.slow_pass(),
         metrics: metrics.clone(),
         batch_pool: Some(batch_pool),
     };

@@ -12,8 +12,10 @@
 //!
 //! - `queue`: the queue, its capacity and the rule that gathers a batch;
 //! - `pool`: the batch threads and how they pick among queues;
-//! - `run`: one forward pass.
+//! - `run`: one forward pass, and the poison isolation of a batch that fails;
+//! - `passes`: the passes running now, to tell slow ones.
 
+mod passes;
 mod pool;
 mod queue;
 mod run;
@@ -27,6 +29,7 @@ use tokio::sync::oneshot;
 
 use crate::model::Servable;
 use crate::tensor::HostTensor;
+pub use passes::{PassWatch, SlowPasses};
 pub use pool::BatchPool;
 use queue::{Item, Shared};
 
@@ -92,6 +95,12 @@ pub enum BatchError {
     /// The version is unloading and takes no new requests.
     #[error("this version is unloading")]
     ShuttingDown,
+    /// The version was dropped at its drain limit while the request was queued or
+    /// running; the request may be retried (on another version or worker).
+    #[error(
+        "this version was unloaded while the request was queued or running (its requests did not finish within --unload-drain-seconds); retry"
+    )]
+    VersionDropped,
 }
 
 /// Counts since the batcher started, for metrics.
@@ -183,6 +192,8 @@ impl Batcher {
             return Err(BatchError::DeadlineExceeded);
         }
         let (reply, outputs) = oneshot::channel();
+        // Before the push: a drop that comes after it must be seen.
+        let mut dropped = self.shared.dropped.subscribe();
         let bytes = inputs.iter().map(|t| t.data.len()).sum();
         self.shared.push(Item {
             signature,
@@ -193,11 +204,41 @@ impl Batcher {
             enqueued,
             reply,
         })?;
-        outputs.await.unwrap_or_else(|_| {
-            Err(BatchError::Model(
-                "the batch thread stopped without answering".to_string(),
-            ))
-        })
+        tokio::select! {
+            biased;
+            answer = outputs => answer.unwrap_or_else(|_| {
+                Err(BatchError::Model(
+                    "the batch thread stopped without answering".to_string(),
+                ))
+            }),
+            _ = dropped.wait_for(|d| *d) => Err(BatchError::VersionDropped),
+        }
+    }
+
+    /// Drops the version at its drain limit: takes no new requests, and answers every
+    /// request still queued or in a forward pass with [`BatchError::VersionDropped`] at
+    /// once. A pass in progress still runs to its end on its batch thread (LibTorch
+    /// cannot be interrupted); the pool lets go of the model when it returns.
+    pub fn abort(&self) {
+        self.shared.dropped.send_replace(true);
+        for item in self.shared.close(true) {
+            let _ = item.reply.send(Err(BatchError::VersionDropped));
+        }
+    }
+
+    /// The forward passes running now, shared with whoever watches for slow ones.
+    pub fn passes(&self) -> Arc<PassWatch> {
+        Arc::clone(&self.shared.passes)
+    }
+
+    /// Whether [`Self::abort`] dropped the version.
+    pub fn is_dropped(&self) -> bool {
+        *self.shared.dropped.borrow()
+    }
+
+    /// Forward passes running now.
+    pub fn running_passes(&self) -> usize {
+        self.shared.passes.running()
     }
 
     /// Rows waiting in the queue.
@@ -830,8 +871,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn model_errors_reach_every_item_of_the_batch() {
-        let (_fake, gate, b) = held(config(8)).await;
+    async fn a_failing_batch_runs_again_one_by_one_and_only_the_culprit_fails() {
+        let (fake, gate, b) = held(config(8)).await;
         let a = enqueue(&b, sig(), vec![tensor(1, 2, 5.0)], None).await;
         let bad = enqueue(
             &b,
@@ -840,11 +881,70 @@ mod tests {
             None,
         )
         .await;
+        let c = enqueue(&b, sig(), vec![tensor(2, 2, 7.0)], None).await;
         gate.release();
-        let refused = Err(BatchError::Model("the fake model refuses -2".to_string()));
-        assert_eq!(finish(a).await, refused);
-        assert_eq!(finish(bad).await, refused);
-        assert_eq!(b.stats().failed_batches, 1);
+        assert_eq!(values(&finish(a).await.unwrap())[0], vec![10.0, 12.0]);
+        assert_eq!(
+            finish(bad).await,
+            Err(BatchError::Model("the fake model refuses -2".to_string()))
+        );
+        assert_eq!(
+            values(&finish(c).await.unwrap())[0],
+            vec![14.0, 16.0, 18.0, 20.0]
+        );
+        // The held pass, the shared pass of three that failed, then each alone (once).
+        assert_eq!(fake.batch_sizes(), vec![1, 4, 1, 1, 2]);
+        assert_eq!(b.stats().failed_batches, 2);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_request_in_a_batch_does_not_fail_the_others() {
+        let (_fake, gate, b) = held(config(8)).await;
+        let good = enqueue(&b, sig(), vec![tensor(1, 2, 1.0)], None).await;
+        let bad = enqueue(
+            &b,
+            sig(),
+            vec![HostTensor::from_f32(vec![1, 2], &[-1.0, 0.0])],
+            None,
+        )
+        .await;
+        gate.release();
+        assert_eq!(values(&finish(good).await.unwrap())[0], vec![2.0, 4.0]);
+        match finish(bad).await {
+            Err(BatchError::Model(msg)) => assert!(msg.contains("saw -1"), "{msg}"),
+            other => panic!("expected the model's panic, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn abort_answers_queued_and_running_requests_at_once() {
+        let (_fake, gate, b) = held(config(1)).await;
+        let queued = enqueue(&b, sig(), vec![tensor(1, 2, 5.0)], None).await;
+        // The blocker's pass is still held: abort must not wait for it.
+        b.abort();
+        assert!(b.is_dropped());
+        assert_eq!(finish(queued).await, Err(BatchError::VersionDropped));
+        assert_eq!(
+            b.submit(sig(), vec![tensor(1, 2, 5.0)], None).await,
+            Err(BatchError::ShuttingDown)
+        );
+        assert_eq!(b.running_passes(), 1);
+        gate.release();
+        eventually("the held pass returns", || b.running_passes() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn abort_answers_a_caller_whose_pass_is_running() {
+        let (fake, mut gate) = Fake::gated();
+        let b = Arc::new(Batcher::new(fake, config(1)));
+        let caller = b.clone();
+        let running =
+            tokio::spawn(async move { caller.submit(sig(), vec![tensor(1, 2, 1.0)], None).await });
+        gate.entered().await;
+        b.abort();
+        let answer = tokio::time::timeout(GUARD, running).await.unwrap().unwrap();
+        assert_eq!(answer, Err(BatchError::VersionDropped));
+        gate.release();
     }
 
     #[tokio::test]

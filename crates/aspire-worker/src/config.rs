@@ -311,7 +311,26 @@ pub struct ServingArgs {
         env = "ASPIRE_SSL_CONFIG_FILE"
     )]
     pub ssl_config_file: Option<PathBuf>,
+    /// After an unloading version's grace, how long it waits for its requests in flight;
+    /// then those still queued or running on it are answered at once with a retryable
+    /// error (UNAVAILABLE; a router sends them again elsewhere) and the version is
+    /// dropped, its memory freed when its last forward pass returns.
+    #[arg(long = "unload-drain-seconds", visible_alias = "unload_drain_seconds", env = "ASPIRE_UNLOAD_DRAIN_SECONDS",
+          default_value_t = DEFAULT_UNLOAD_DRAIN_SECONDS)]
+    pub unload_drain_seconds: u64,
+    /// A forward pass running longer than this is reported as slow, while it runs: in
+    /// the metrics (aspire_worker_slow_passes_total, aspire_worker_slow_passes_running)
+    /// and in the worker's registry record (`aspirectl status`); 0 turns this off.
+    #[arg(long = "slow-pass-seconds", visible_alias = "slow_pass_seconds", env = "ASPIRE_SLOW_PASS_SECONDS",
+          default_value_t = DEFAULT_SLOW_PASS_SECONDS)]
+    pub slow_pass_seconds: u64,
 }
+
+/// `--unload-drain-seconds` when not given.
+pub const DEFAULT_UNLOAD_DRAIN_SECONDS: u64 = 30;
+
+/// `--slow-pass-seconds` when not given.
+pub const DEFAULT_SLOW_PASS_SECONDS: u64 = 10;
 
 impl ServingArgs {
     /// Checks the limits clap cannot; the error names the flag.
@@ -324,6 +343,16 @@ impl ServingArgs {
             self.max_inflight_bytes,
             self.max_concurrent_streams,
         )
+    }
+
+    /// `--unload-drain-seconds`.
+    pub fn unload_drain(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.unload_drain_seconds)
+    }
+
+    /// `--slow-pass-seconds` (zero: off).
+    pub fn slow_pass(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.slow_pass_seconds)
     }
 
     /// Threads for the async runtime.

@@ -111,7 +111,7 @@ impl From<BatchError> for WorkerError {
             BatchError::TooLarge { .. } => WorkerError::InvalidArgument(msg),
             BatchError::DeadlineExceeded => WorkerError::DeadlineExceeded(msg),
             BatchError::Model(_) => WorkerError::Internal(msg),
-            BatchError::ShuttingDown => WorkerError::Unavailable(msg),
+            BatchError::ShuttingDown | BatchError::VersionDropped => WorkerError::Unavailable(msg),
         }
     }
 }

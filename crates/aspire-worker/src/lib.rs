@@ -17,6 +17,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod record_writer;
 pub mod server;
 pub mod service;
 pub mod storage_roots;

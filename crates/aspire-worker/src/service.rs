@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::codec::{self, OutputEncoding};
-use crate::error::WorkerError;
+use crate::error::{FORWARDED_HEADER, WorkerError};
 use crate::tensor::HostTensor;
 use crate::version_manager::{LoadedVersion, ModelEntry, VersionManager};
 
@@ -216,6 +216,31 @@ impl ServingApi {
         Ok(tensors)
     }
 
+    /// A request whose version was dropped at its drain limit gets, when a router
+    /// forwarded it, the "version unloading" answer, so the router sends it again
+    /// elsewhere; a direct caller gets the plain UNAVAILABLE it carries.
+    fn dropped_if_forwarded(
+        &self,
+        e: WorkerError,
+        forwarded: bool,
+        served_by: Option<&LoadedVersion>,
+    ) -> WorkerError {
+        match (e, served_by) {
+            (WorkerError::Unavailable(_), Some(lv)) if forwarded && lv.batcher.is_dropped() => {
+                let table = self.manager.table();
+                WorkerError::VersionUnloading {
+                    model: lv.model.clone(),
+                    version: lv.version,
+                    default_version: table
+                        .model(lv.model.as_str())
+                        .ok()
+                        .and_then(|(_, entry)| entry.default_version()),
+                }
+            }
+            (e, _) => e,
+        }
+    }
+
     fn do_metadata(
         &self,
         req: GetModelMetadataRequest,
@@ -403,6 +428,7 @@ impl PredictionService for ServingApi {
             code: tonic::Code::Cancelled as i32,
         };
         let deadline = request_deadline(&req);
+        let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
         // Held until the answer is built: the request's bytes stay charged meanwhile.
         let budget = req.extensions().get::<RequestBudget>().cloned();
         let resp = self
@@ -413,6 +439,7 @@ impl PredictionService for ServingApi {
                 &mut record.served_by,
             )
             .await
+            .map_err(|e| self.dropped_if_forwarded(e, forwarded, record.served_by.as_deref()))
             .map_err(Status::from);
         record.code = resp.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
         Ok(Response::new(resp?))

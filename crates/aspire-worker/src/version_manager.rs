@@ -11,9 +11,17 @@
 //! never fetched: it is reported END with the refusal, and not tried again until its
 //! location in the registry changes.
 //!
+//! After its grace, an unloading version waits for its requests in flight at most the
+//! drain limit; then the requests still queued or running on it are answered at once
+//! with a retryable error, and it is dropped (END), its memory freed when its last
+//! forward pass returns. A forward pass running past the slow-pass threshold shows in
+//! the metrics and in this worker's record.
+//!
 //! One task (the actor) owns all mutable state; load and unload tasks report back to it
-//! over a channel. Request handlers read an immutable [`ServingTable`] snapshot through
-//! an `ArcSwap`, so the hot path takes no lock.
+//! over a channel, and the record goes to the registry through a writer task of its own
+//! ([`RecordWriter`]), so the actor never waits for etcd. Request handlers read an
+//! immutable [`ServingTable`] snapshot through an `ArcSwap`, so the hot path takes no
+//! lock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -23,7 +31,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use aspire_core::records::{VersionState, VersionStatus};
 use aspire_core::{
-    AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, Version, WorkerRecord,
+    AvailableVersions, ClusterState, ModelName, Signature, SignatureMap, SlowPasses, Version,
+    WorkerRecord,
 };
 use aspire_discovery::DiscoveryError;
 use aspire_registry::Registry;
@@ -31,9 +40,10 @@ use aspire_telemetry::metrics::{RequestMetrics, VersionMetrics, WorkerMetrics};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::batcher::{BatchConfig, BatchPool, Batcher};
+use crate::batcher::{BatchConfig, BatchPool, Batcher, PassWatch};
 use crate::error::WorkerError;
 use crate::model::{DeviceSpec, Servable, TorchModel};
+use crate::record_writer::RecordWriter;
 use crate::storage_roots::{CheckedLocation, LocationError, StorageRoots};
 
 /// What the version manager needs to know.
@@ -61,6 +71,13 @@ pub struct ManagerConfig {
     /// it, after it is reported UNLOADING (routers choose versions from what they last
     /// saw, so they need a moment to see the change).
     pub unload_grace: Duration,
+    /// How long, after the grace, an unloading version waits for its requests in flight
+    /// before it answers them with a retryable error and is dropped
+    /// (`--unload-drain-seconds`).
+    pub unload_drain: Duration,
+    /// A forward pass running longer than this is reported as slow
+    /// (`--slow-pass-seconds`); zero reports none.
+    pub slow_pass: Duration,
     /// Where loads, versions and their requests are measured.
     pub metrics: WorkerMetrics,
     /// The batch threads every version's batches run on; `None` gives each version
@@ -227,11 +244,9 @@ pub struct VersionManager {
     table: ArcSwap<ServingTable>,
     ready: watch::Sender<bool>,
     stop: watch::Sender<bool>,
-    /// Set by [`VersionManager::deregister`]; the actor then removes this worker's record
-    /// and stops publishing it, while it keeps serving.
-    draining: watch::Sender<bool>,
-    /// Set by the actor once the record is removed.
-    deregistered: watch::Sender<bool>,
+    /// Writes this worker's record; [`VersionManager::deregister`] removes it through
+    /// the same writer, after which no record is written again.
+    writer: RecordWriter,
     metrics: WorkerMetrics,
 }
 
@@ -250,21 +265,19 @@ impl VersionManager {
             table: ArcSwap::from_pointee(ServingTable::default()),
             ready,
             stop,
-            draining: watch::channel(false).0,
-            deregistered: watch::channel(false).0,
+            writer: RecordWriter::start(registry.clone(), config.worker_id.clone()),
             metrics: config.metrics.clone(),
         });
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let actor = Actor {
             cluster_rx: registry.subscribe(),
-            registry,
             config: Arc::new(config),
             device_name,
             manager: manager.clone(),
             slots: BTreeMap::new(),
             cluster: Arc::new(ClusterState::default()),
             events_tx,
-            published: None,
+            watches: BTreeMap::new(),
         };
         let handle = tokio::spawn(actor.run(events_rx, stop_rx));
         (manager, handle)
@@ -289,15 +302,10 @@ impl VersionManager {
     /// and keeps it out, while requests keep being served; returns once it is removed
     /// (or after 5 s if the registry is unreachable).
     pub async fn deregister(&self) {
-        let mut done = self.deregistered.subscribe();
-        self.draining.send_replace(true);
+        self.writer.remove();
         // Bounded: an unreachable registry must not hold up the drain; the record then
         // expires with its lease.
-        let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|d| *d)).await;
-    }
-
-    fn deregistered_flag(&self) -> bool {
-        *self.deregistered.borrow()
+        self.writer.removed_within(DEREGISTER_WAIT).await;
     }
 
     /// Asks the actor to deregister, drain and unload everything.
@@ -305,6 +313,9 @@ impl VersionManager {
         self.stop.send_replace(true);
     }
 }
+
+/// How long a deregistration waits for the registry.
+const DEREGISTER_WAIT: Duration = Duration::from_secs(5);
 
 type Key = (ModelName, Version);
 
@@ -337,10 +348,12 @@ enum Event {
     /// The unload grace is over: stop answering requests for this version.
     StopServing(Key),
     Unloaded(Key),
+    /// Its requests did not finish within the drain limit; they were answered with a
+    /// retryable error and the version dropped.
+    Dropped(Key),
 }
 
 struct Actor {
-    registry: Arc<dyn Registry>,
     cluster_rx: watch::Receiver<Arc<ClusterState>>,
     config: Arc<ManagerConfig>,
     device_name: String,
@@ -348,7 +361,10 @@ struct Actor {
     slots: BTreeMap<Key, Slot>,
     cluster: Arc<ClusterState>,
     events_tx: mpsc::UnboundedSender<Event>,
-    published: Option<WorkerRecord>,
+    /// The forward passes of each loaded version, kept until the version is gone and
+    /// its last pass returned (a dropped version's stuck pass still shows), with the
+    /// slow passes already counted in the metrics.
+    watches: BTreeMap<Key, (Arc<PassWatch>, u64)>,
 }
 
 impl Actor {
@@ -358,13 +374,12 @@ impl Actor {
         mut stop: watch::Receiver<bool>,
     ) {
         self.cluster = self.cluster_rx.borrow_and_update().clone();
-        let mut draining = self.manager.draining.subscribe();
         loop {
             self.reconcile();
             self.publish_table();
-            self.publish_record().await;
-            // Wake for the earliest retry, and at least every second so a failed record
-            // write is retried even while a load's backoff is longer than that.
+            self.publish_record();
+            // Wake for the earliest retry, and at least every second to look for slow
+            // forward passes.
             let tick = Instant::now() + Duration::from_secs(1);
             let wake = self.next_retry().map_or(tick, |retry| retry.min(tick));
             tokio::select! {
@@ -377,8 +392,6 @@ impl Actor {
                 Some(ev) = events.recv() => self.on_event(ev),
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = stop.wait_for(|s| *s) => break,
-                // Once: a failed deregistration is retried on the tick, not in a loop.
-                Ok(()) = draining.changed() => {}
             }
         }
         self.drain(events).await;
@@ -401,6 +414,7 @@ impl Actor {
         match ev {
             Event::Loaded(key, Ok(lv)) => {
                 tracing::info!(model = %key.0, version = %key.1, "version AVAILABLE");
+                self.watches.insert(key.clone(), (lv.batcher.passes(), 0));
                 self.slots.insert(key, Slot::Ready(lv));
             }
             Event::Loaded(key, Err(error)) => {
@@ -434,6 +448,13 @@ impl Actor {
             }
             Event::Unloaded(key) => {
                 tracing::info!(model = %key.0, version = %key.1, "version unloaded");
+                self.slots.insert(key, Slot::Ended);
+            }
+            Event::Dropped(key) => {
+                tracing::warn!(
+                    model = %key.0, version = %key.1, limit = ?self.config.unload_drain,
+                    "version dropped: its requests in flight did not finish within the drain limit (--unload-drain-seconds); they were answered with a retryable error"
+                );
                 self.slots.insert(key, Slot::Ended);
             }
         }
@@ -535,14 +556,19 @@ impl Actor {
         tracing::info!(model = %key.0, version = %key.1, ?grace, "unloading version");
         let tx = self.events_tx.clone();
         let cache = version_cache_dir(&self.config, &key);
+        let drain = self.config.unload_drain;
         tokio::spawn(async move {
             if !grace.is_zero() {
                 tokio::time::sleep(grace).await;
                 let _ = tx.send(Event::StopServing(key.clone()));
             }
-            unload_version(lv).await;
+            let drained = unload_version(lv, drain).await;
             let _ = tokio::fs::remove_dir_all(cache).await;
-            let _ = tx.send(Event::Unloaded(key));
+            let _ = tx.send(if drained {
+                Event::Unloaded(key)
+            } else {
+                Event::Dropped(key)
+            });
         });
     }
 
@@ -626,42 +652,58 @@ impl Actor {
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
-    async fn publish_record(&mut self) {
-        if *self.manager.draining.borrow() {
-            if !self.manager.deregistered_flag() {
-                match self.registry.remove_worker(&self.config.worker_id).await {
-                    Ok(()) => {
-                        self.manager.deregistered.send_replace(true);
-                    }
-                    Err(e) => tracing::warn!("could not deregister: {e}"),
-                }
-            }
-            return;
-        }
-        let record = WorkerRecord {
+    /// Hands the record as it is now to the writer; never waits for the registry.
+    fn publish_record(&mut self) {
+        let slow_passes = self.check_slow_passes();
+        self.manager.writer.put(WorkerRecord {
             address: self.config.advertise_address.clone(),
             device: self.device_name.clone(),
             models: self.statuses(),
-        };
-        if self.published.as_ref() == Some(&record) {
-            return;
+            slow_passes,
+        });
+    }
+
+    /// Updates the slow-pass metrics, forgets the versions that are gone with no pass
+    /// left running, and lists the versions that had slow passes.
+    fn check_slow_passes(&mut self) -> Vec<SlowPasses> {
+        let now = std::time::Instant::now();
+        let slots = &self.slots;
+        self.watches.retain(|key, (watch, _)| {
+            matches!(
+                slots.get(key),
+                Some(Slot::Ready(_) | Slot::Unloading(_) | Slot::Loading { .. })
+            ) || watch.running() > 0
+        });
+        let mut out = Vec::new();
+        for ((model, version), (watch, counted)) in &mut self.watches {
+            let slow = watch.check(now);
+            self.config.metrics.slow_passes(
+                model.as_str(),
+                &version.to_string(),
+                slow.total.saturating_sub(*counted),
+                slow.running,
+            );
+            *counted = slow.total;
+            if slow.total > 0 {
+                out.push(SlowPasses {
+                    model: model.clone(),
+                    version: *version,
+                    running: slow.running,
+                    total: slow.total,
+                });
+            }
         }
-        match self
-            .registry
-            .put_worker(&self.config.worker_id, &record)
-            .await
-        {
-            Ok(()) => self.published = Some(record),
-            // Kept unpublished: the next turn of the loop (at most 1 s) tries again.
-            Err(e) => tracing::warn!("could not publish this worker's record: {e}"),
-        }
+        out
     }
 
     /// Deregisters first (so routers stop sending), then lets in-flight requests finish
     /// and unloads everything.
     async fn drain(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
-        if let Err(e) = self.registry.remove_worker(&self.config.worker_id).await {
-            tracing::warn!("could not deregister: {e}");
+        self.manager.writer.remove();
+        if !self.manager.writer.removed_within(DEREGISTER_WAIT).await {
+            tracing::warn!(
+                "could not deregister within {DEREGISTER_WAIT:?}; the record expires with its lease"
+            );
         }
         let keys: Vec<Key> = self.slots.keys().cloned().collect();
         for key in keys {
@@ -760,7 +802,7 @@ async fn load_version(
                 let model =
                     TorchModel::load(&dir, config.device, &signatures, &config.warmup_batch_sizes)?;
                 let metrics = config.metrics.version(key.0.as_str(), &key.1.to_string());
-                Ok(Arc::new(LoadedVersion::with_metrics(
+                let lv = Arc::new(LoadedVersion::with_metrics(
                     key.0,
                     key.1,
                     signatures,
@@ -768,7 +810,9 @@ async fn load_version(
                     config.batching.clone(),
                     metrics,
                     config.batch_pool.as_deref(),
-                )))
+                ));
+                lv.batcher.passes().set_threshold(config.slow_pass);
+                Ok(lv)
             }))
             .unwrap_or_else(|_| Err("the load panicked".to_string()));
             let _ = done.send(loaded);
@@ -779,11 +823,21 @@ async fn load_version(
         .map_err(|_| "the load thread ended without an answer".to_string())??)
 }
 
-/// Waits for requests in flight on `lv` to finish (they hold clones of the `Arc`), then
-/// stops its batcher.
-async fn unload_version(lv: Arc<LoadedVersion>) {
-    while Arc::strong_count(&lv) > 1 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// Waits for requests in flight on `lv` to finish (they hold clones of the `Arc`), at
+/// most `drain`, then stops its batcher. Returns false when the drain limit was reached:
+/// the requests still queued or running were then answered with a retryable error, and
+/// the batcher lets go of the model once its last forward pass returns, without anyone
+/// waiting for it.
+async fn unload_version(lv: Arc<LoadedVersion>, drain: Duration) -> bool {
+    let in_flight_done = async {
+        while Arc::strong_count(&lv) > 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    if tokio::time::timeout(drain, in_flight_done).await.is_err() {
+        lv.batcher.abort();
+        return false;
     }
     let _ = tokio::task::spawn_blocking(move || lv.batcher.shutdown()).await;
+    true
 }

@@ -216,6 +216,7 @@ pub fn record(address: &str, model: &str, versions: &[(u64, VersionState)]) -> W
         address: address.to_string(),
         device: "cpu".into(),
         models: BTreeMap::from([(ModelName::new(model).unwrap(), statuses)]),
+        ..Default::default()
     }
 }
 

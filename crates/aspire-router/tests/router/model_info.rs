@@ -36,6 +36,7 @@ fn worker_record(
         address: worker.addr.to_string(),
         device: "cpu".into(),
         models: BTreeMap::from([(ModelName::new("m").unwrap(), statuses)]),
+        ..Default::default()
     }
 }
 

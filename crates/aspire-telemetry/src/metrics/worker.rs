@@ -13,6 +13,8 @@
 //! | `aspire_worker_version_load_duration_seconds` | histogram | model | a successful load: fetch, load, warm-up |
 //! | `aspire_worker_version_load_failures_total` | counter | model | loads that failed (each retry counts) |
 //! | `aspire_worker_versions_available` | gauge | model | versions AVAILABLE on this worker |
+//! | `aspire_worker_slow_passes_total` | counter | model, version | forward passes that ran past `--slow-pass-seconds` (counted as they cross it) |
+//! | `aspire_worker_slow_passes_running` | gauge | model, version | forward passes running past `--slow-pass-seconds` now |
 //!
 //! A Predict that names a model this worker does not serve, or a version it has not
 //! loaded, or that is malformed before its version is known, is counted with empty
@@ -59,6 +61,8 @@ struct Inner {
     load_duration: HistogramVec,
     load_failures: IntCounterVec,
     versions_available: IntGaugeVec,
+    slow_passes: IntCounterVec,
+    slow_passes_running: IntGaugeVec,
     /// Requests that never reached a loaded version.
     unresolved: RequestMetrics,
     /// The models `versions_available` has a series for, to drop those that left.
@@ -145,6 +149,16 @@ impl WorkerMetrics {
                 "Versions of the model AVAILABLE on this worker.",
                 &["model"],
             ),
+            slow_passes: counter(
+                "aspire_worker_slow_passes_total",
+                "Forward passes that ran past --slow-pass-seconds, counted when they cross it.",
+                MODEL_VERSION,
+            ),
+            slow_passes_running: gauge(
+                "aspire_worker_slow_passes_running",
+                "Forward passes running past --slow-pass-seconds now.",
+                MODEL_VERSION,
+            ),
             available_models: Mutex::new(Vec::new()),
             registry,
         }))
@@ -183,6 +197,17 @@ impl WorkerMetrics {
             .load_duration
             .with_label_values(&[model])
             .observe(took.as_secs_f64());
+    }
+
+    /// Records a version's slow forward passes: `new` that crossed the threshold since
+    /// the last call, and `running` past it now.
+    pub fn slow_passes(&self, model: &str, version: &str, new: u64, running: u64) {
+        let labels = [model, version];
+        self.0.slow_passes.with_label_values(&labels).inc_by(new);
+        self.0
+            .slow_passes_running
+            .with_label_values(&labels)
+            .set(i64::try_from(running).unwrap_or(i64::MAX));
     }
 
     /// Counts a failed load of a version of `model`.

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use aspire_core::Signature;
 use aspire_telemetry::metrics::BatchMetrics;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
+use super::passes::PassWatch;
 use super::pool::Signal;
 use super::{BatchConfig, BatchError, BatchStats};
 use crate::tensor::HostTensor;
@@ -30,13 +31,13 @@ pub(super) struct Item {
 }
 
 impl Item {
-    fn expired(&self, now: Instant) -> bool {
+    pub fn expired(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|d| d <= now)
     }
 
     /// The submit future was dropped (e.g. the client cancelled), so nobody would read
     /// the outputs.
-    fn abandoned(&self) -> bool {
+    pub fn abandoned(&self) -> bool {
         self.reply.is_closed()
     }
 
@@ -125,6 +126,11 @@ pub(super) struct Shared {
     pub stats: Counters,
     /// Waits and batches; the queue depth is published through `state`.
     pub metrics: BatchMetrics,
+    /// The forward passes running now, to tell slow ones.
+    pub passes: Arc<PassWatch>,
+    /// Set when the version is dropped at its drain limit: every caller still waiting
+    /// (queued or in a pass) is answered at once.
+    pub dropped: watch::Sender<bool>,
     state: Mutex<State>,
     /// The pool this queue belongs to, told of every arrival and of the close.
     signal: Arc<Signal>,
@@ -168,6 +174,8 @@ impl Shared {
                 metrics: metrics.clone(),
             }),
             metrics,
+            passes: Arc::default(),
+            dropped: watch::channel(false).0,
             signal,
             detached: Condvar::new(),
             stats: Counters::default(),

@@ -32,7 +32,71 @@ pub(super) fn run_taken(shared: &Shared, model: &dyn Servable, batch: &mut Vec<I
 }
 
 /// Runs `items` as one forward pass and answers each of them; leaves `items` empty.
+///
+/// Poison isolation: when a pass of several requests fails, each of them runs again
+/// alone (once), so that only a request that fails on its own gets the model's error and
+/// the others get their outputs; one bad input cannot fail its neighbours.
 fn run_batch(shared: &Shared, model: &dyn Servable, items: &mut Vec<Item>) {
+    let started = Instant::now();
+    for item in items.iter() {
+        shared
+            .metrics
+            .observe_queue_wait(started.saturating_duration_since(item.enqueued));
+    }
+    let signature = Arc::clone(&items[0].signature);
+    match forward(shared, model, &signature, items) {
+        Ok(outputs) => answer(items, outputs),
+        Err(msg) if items.len() > 1 => {
+            tracing::warn!(
+                requests = items.len(),
+                "batch failed ({msg}); running its requests one by one"
+            );
+            isolate(shared, model, &signature, items);
+        }
+        Err(msg) => {
+            tracing::warn!("forward pass failed: {msg}");
+            for item in items.drain(..) {
+                let _ = item.reply.send(Err(BatchError::Model(msg.clone())));
+            }
+        }
+    }
+}
+
+/// Runs each of `items` alone, after their shared pass failed; answers each with its own
+/// outcome. A request whose caller left or whose deadline passed meanwhile is not run.
+fn isolate(shared: &Shared, model: &dyn Servable, signature: &Signature, items: &mut Vec<Item>) {
+    let mut alone = Vec::with_capacity(1);
+    for item in std::mem::take(items) {
+        if item.abandoned() {
+            Counters::add(&shared.stats.abandoned, 1);
+            continue;
+        }
+        if item.expired(Instant::now()) {
+            Counters::add(&shared.stats.expired, 1);
+            let _ = item.reply.send(Err(BatchError::DeadlineExceeded));
+            continue;
+        }
+        alone.push(item);
+        match forward(shared, model, signature, &alone) {
+            Ok(outputs) => answer(&mut alone, outputs),
+            Err(msg) => {
+                tracing::warn!("request failed on its own: {msg}");
+                for item in alone.drain(..) {
+                    let _ = item.reply.send(Err(BatchError::Model(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one forward pass over `items` (padded to an allowed batch size when batching),
+/// timing and counting it, and checks its outputs.
+fn forward(
+    shared: &Shared,
+    model: &dyn Servable,
+    signature: &Signature,
+    items: &[Item],
+) -> Result<Vec<HostTensor>, String> {
     let config = &shared.config;
     let rows: usize = items.iter().map(|i| i.rows).sum();
     let padded = if config.enabled {
@@ -40,55 +104,50 @@ fn run_batch(shared: &Shared, model: &dyn Servable, items: &mut Vec<Item>) {
     } else {
         rows
     };
-    let signature = Arc::clone(&items[0].signature);
     let started = Instant::now();
-    for item in items.iter() {
-        shared
-            .metrics
-            .observe_queue_wait(started.saturating_duration_since(item.enqueued));
-    }
+    let pass = shared.passes.begin(started);
     // A lone unpadded request is handed to the model as it came: no copy.
-    let pass_through = items.len() == 1 && padded == rows;
-    let result = if pass_through {
-        invoke(model, &signature, &items[0].inputs)
+    let result = if items.len() == 1 && padded == rows {
+        invoke(model, signature, &items[0].inputs)
     } else {
         let inputs = concat_inputs(items, padded);
-        invoke(model, &signature, &inputs)
+        invoke(model, signature, &inputs)
     }
-    .and_then(|outputs| check_outputs(&signature, outputs, padded));
+    .and_then(|outputs| check_outputs(signature, outputs, padded));
+    shared.passes.end(pass);
     shared
         .metrics
         .observe_batch(started.elapsed(), rows, padded - rows);
-
     let stats = &shared.stats;
     Counters::add(&stats.batches, 1);
     Counters::add(&stats.requests, items.len());
     Counters::add(&stats.rows, rows);
     Counters::add(&stats.padding_rows, padded - rows);
-    match result {
-        Ok(outputs) if pass_through => {
+    if result.is_err() {
+        Counters::add(&stats.failed_batches, 1);
+    }
+    result
+}
+
+/// Gives each of `items` its rows of `outputs` (all of them, uncopied, to a lone request
+/// that was not padded); leaves `items` empty.
+fn answer(items: &mut Vec<Item>, outputs: Vec<HostTensor>) {
+    if let [item] = items.as_slice() {
+        if outputs.iter().all(|o| o.rows() == item.rows) {
             if let Some(item) = items.pop() {
                 let _ = item.reply.send(Ok(outputs));
             }
+            return;
         }
-        Ok(outputs) => {
-            let mut start = 0;
-            for item in items.drain(..) {
-                let mine = outputs
-                    .iter()
-                    .map(|o| o.slice_rows(start, item.rows))
-                    .collect();
-                start += item.rows;
-                let _ = item.reply.send(Ok(mine));
-            }
-        }
-        Err(msg) => {
-            Counters::add(&stats.failed_batches, 1);
-            tracing::warn!(rows, padded, "batch failed: {msg}");
-            for item in items.drain(..) {
-                let _ = item.reply.send(Err(BatchError::Model(msg.clone())));
-            }
-        }
+    }
+    let mut start = 0;
+    for item in items.drain(..) {
+        let mine = outputs
+            .iter()
+            .map(|o| o.slice_rows(start, item.rows))
+            .collect();
+        start += item.rows;
+        let _ = item.reply.send(Ok(mine));
     }
 }
 
