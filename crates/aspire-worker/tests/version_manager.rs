@@ -26,6 +26,91 @@ use tempfile::TempDir;
 const WORKER_ID: &str = "worker-under-test";
 const ADDRESS: &str = "10.1.2.3:8500";
 const LIMIT: Duration = Duration::from_secs(60);
+/// The test workers' slow-pass threshold.
+const SLOW_PASS: Duration = Duration::from_secs(1);
+
+/// A registry whose writes of worker records never return, as over a stalled etcd
+/// connection; everything else goes to the in-memory registry it wraps.
+struct HangingWrites(Arc<MemoryRegistry>);
+
+#[async_trait::async_trait]
+impl Registry for HangingWrites {
+    async fn put_available(
+        &self,
+        model: &ModelName,
+        value: &AvailableVersions,
+    ) -> aspire_registry::Result<()> {
+        self.0.put_available(model, value).await
+    }
+    async fn put_aspired(
+        &self,
+        model: &ModelName,
+        value: &AspiredVersions,
+    ) -> aspire_registry::Result<()> {
+        self.0.put_aspired(model, value).await
+    }
+    async fn set_pinned(
+        &self,
+        model: &ModelName,
+        pin: Option<&str>,
+    ) -> aspire_registry::Result<()> {
+        self.0.set_pinned(model, pin).await
+    }
+    async fn remove_model(&self, model: &ModelName) -> aspire_registry::Result<()> {
+        self.0.remove_model(model).await
+    }
+    async fn put_worker(&self, _: &str, _: &WorkerRecord) -> aspire_registry::Result<()> {
+        futures::future::pending().await
+    }
+    async fn remove_worker(&self, _: &str) -> aspire_registry::Result<()> {
+        futures::future::pending().await
+    }
+    async fn put_raw(&self, key: &str, value: Option<&[u8]>) -> aspire_registry::Result<()> {
+        self.0.put_raw(key, value).await
+    }
+    async fn state(&self) -> aspire_registry::Result<aspire_core::ClusterState> {
+        self.0.state().await
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<aspire_core::ClusterState>> {
+        self.0.subscribe()
+    }
+    fn schema(&self) -> &aspire_core::keys::KeySchema {
+        self.0.schema()
+    }
+}
+
+/// Makes the fault model with `scripts/make_fault_model.py` (once per test binary) and
+/// returns its `model.pt`.
+fn fault_model() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let out = modules().join("fault");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let run = Command::new(python())
+            .arg(root.join("scripts/make_fault_model.py"))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "make_fault_model.py failed: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        out.join("1/model.pt")
+    })
+}
+
+/// The fault model's signature (as the script writes it).
+const FAULT_SIG: &str = r#"{"signatures": {"serving_default": {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}]}}}"#;
+
+fn python() -> PathBuf {
+    std::env::var_os("ASPIRE_TEST_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+        PathBuf::from,
+    )
+}
 
 /// `Scale(k)` answers `x * k`; `Slow(k)` too, after `x[0, 0]` rounds of a matmul, so a
 /// request can be kept in flight for a while (warm-up sends zeros: no rounds).
@@ -74,10 +159,7 @@ fn modules() -> &'static Path {
     static DIR: OnceLock<TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         configure_threads(Some(1), Some(1));
-        let python = std::env::var_os("ASPIRE_TEST_PYTHON").map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
-            PathBuf::from,
-        );
+        let python = python();
         assert!(
             python.exists(),
             "{} is missing: run `make setup` to make the venv",
@@ -194,9 +276,20 @@ impl Worker {
     }
 
     fn start_with_grace(unload_grace: Duration) -> Self {
+        Self::start_with(unload_grace, LIMIT, false)
+    }
+
+    /// A worker whose unloads wait at most `unload_drain` for requests in flight; with
+    /// `hang_writes`, its writes of its record never return (a stalled etcd).
+    fn start_with(unload_grace: Duration, unload_drain: Duration, hang_writes: bool) -> Self {
         modules();
         let dir = TempDir::new().unwrap();
         let registry = Arc::new(MemoryRegistry::default());
+        let seen_by_manager: Arc<dyn Registry> = if hang_writes {
+            Arc::new(HangingWrites(registry.clone()))
+        } else {
+            registry.clone()
+        };
         let config = ManagerConfig {
             worker_id: WORKER_ID.to_string(),
             advertise_address: ADDRESS.to_string(),
@@ -220,11 +313,12 @@ impl Worker {
             load_retry_initial: Duration::from_millis(200),
             load_retry_max: Duration::from_secs(1),
             unload_grace,
+            unload_drain,
+            slow_pass: SLOW_PASS,
             batch_pool: None,
             metrics: Default::default(),
         };
-        let (manager, handle) =
-            VersionManager::start(config, "cpu".into(), registry.clone() as Arc<dyn Registry>);
+        let (manager, handle) = VersionManager::start(config, "cpu".into(), seen_by_manager);
         Self {
             dir,
             registry,
@@ -245,7 +339,11 @@ impl Worker {
     fn store(&self, model: &str, version: u64, module: &str, sig: &str) -> AvailableVersion {
         let dir = self.version_dir(model, version);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(modules().join(format!("{module}.pt")), dir.join("model.pt")).unwrap();
+        let file = match module {
+            "fault" => fault_model().to_path_buf(),
+            _ => modules().join(format!("{module}.pt")),
+        };
+        std::fs::copy(file, dir.join("model.pt")).unwrap();
         std::fs::write(dir.join("signature.json"), sig).unwrap();
         AvailableVersion {
             version: v(version),
@@ -856,4 +954,162 @@ async fn an_unloading_version_answers_requests_naming_it_during_its_grace() {
     .await;
     let err = w.pick("m", Some(1)).err().unwrap();
     assert!(err.contains("version 1 is END"), "{err}");
+}
+
+/// The record goes to the registry from a task of its own: with every write of it hung
+/// (a stalled etcd), versions still load, swap and serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_registry_write_never_holds_up_loads_or_swaps() {
+    let w = Worker::start_with(Duration::ZERO, LIMIT, true);
+    let mut available = w.serve_v1("m").await;
+    ask_checked(&w.default_version("m")).await;
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+    w.view_when("m", "version 2 AVAILABLE, version 1 END", LIMIT, |view| {
+        view.state(2) == Some(VersionState::Available) && view.state(1) == Some(VersionState::End)
+    })
+    .await;
+    ask_checked(&w.default_version("m")).await;
+    assert_eq!(w.record(), None, "no write can have gone through");
+    // Deregistration is bounded too.
+    let started = Instant::now();
+    w.manager.deregister().await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A request stuck in a forward pass does not keep its version loaded past the drain
+/// limit: it is answered at once with `VersionDropped`, the version goes END, and the
+/// slow pass (still running on its thread) shows in the record until it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_request_is_answered_at_the_drain_limit_and_the_version_dropped() {
+    let drain = Duration::from_millis(300);
+    let w = Worker::start_with(Duration::ZERO, drain, false);
+    let mut available = vec![w.store("m", 1, "slow1", SIG)];
+    w.publish("m", available.clone()).await;
+    w.aspire("m", &[1]).await;
+    w.available("m", 1).await;
+
+    let v1 = w.default_version("m");
+    let stuck = tokio::spawn(async move {
+        // Some 10 s of matmuls on one thread (0.4 s per 5000 on this 2-core VM): far
+        // past the drain limit.
+        let answer = ask(&v1, 120_000.0).await;
+        (answer, Instant::now())
+    });
+    eventually("the slow pass is running", LIMIT, || {
+        match w.pick("m", Some(1)) {
+            Ok(lv) if lv.batcher.running_passes() == 1 => Ok(()),
+            other => Err(format!("{:?}", other.map(|lv| lv.batcher.running_passes()))),
+        }
+    })
+    .await;
+    let record = eventually("the record shows the slow pass", LIMIT, || {
+        match w.record() {
+            Some(r)
+                if r.slow_passes
+                    .iter()
+                    .any(|s| s.version == v(1) && s.running == 1) =>
+            {
+                Ok(r)
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(record.slow_passes[0].total, 1);
+
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    let asked = Instant::now();
+    w.aspire("m", &[2]).await;
+    let (answer, answered) = tokio::time::timeout(LIMIT, stuck).await.unwrap().unwrap();
+    assert_eq!(answer, Err(BatchError::VersionDropped));
+    let waited = answered - asked;
+    assert!(
+        waited < Duration::from_secs(4),
+        "answered {waited:?} after the swap began; the pass takes some 10 s"
+    );
+    w.view_when("m", "version 1 END", LIMIT, |view| {
+        view.state(1) == Some(VersionState::End) && view.state(2) == Some(VersionState::Available)
+    })
+    .await;
+    ask_checked(&w.default_version("m")).await;
+    // The pass still runs on its thread, and still shows, until it returns.
+    eventually(
+        "the slow pass returns and leaves the record",
+        LIMIT,
+        || match w.record() {
+            Some(r) if r.slow_passes.is_empty() => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+}
+
+/// One row of the fault model's input: `[first, second, 0, 0]`.
+async fn ask_fault(lv: &LoadedVersion, first: f32, second: f32) -> Result<Vec<f32>, BatchError> {
+    let (_, sig) = lv.signature("").unwrap();
+    let input = HostTensor::from_f32(vec![1, 4], &[first, second, 0.0, 0.0]);
+    let out = lv.batcher.submit(sig, vec![input], None).await?;
+    Ok(out[0].to_f32().unwrap())
+}
+
+/// Real TorchScript raising on one request of a batch: the batch runs again one by one,
+/// the others get their answers, and only the culprit gets the model's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raising_request_in_a_real_batch_fails_alone_with_the_models_message() {
+    let w = Worker::start();
+    w.publish("f", vec![w.store("f", 1, "fault", FAULT_SIG)])
+        .await;
+    w.aspire("f", &[1]).await;
+    w.available("f", 1).await;
+    let lv = w.default_version("f");
+    // Holds the one batch thread (a loop of 300k small products) while the batch queues.
+    let holder = {
+        let lv = lv.clone();
+        tokio::spawn(async move { ask_fault(&lv, -777.0, 300.0).await })
+    };
+    eventually("the loop pass is running", LIMIT, || {
+        (lv.batcher.running_passes() == 1)
+            .then_some(())
+            .ok_or_else(|| "no pass".to_string())
+    })
+    .await;
+    let before = lv.batcher.stats();
+    let asks = [1.0, 2.0, -999.0, 3.0].map(|first| {
+        let lv = lv.clone();
+        tokio::spawn(async move { ask_fault(&lv, first, 0.0).await })
+    });
+    eventually("the four requests are queued", LIMIT, || {
+        (lv.batcher.queued_rows() == 4)
+            .then_some(())
+            .ok_or_else(|| format!("{} rows queued", lv.batcher.queued_rows()))
+    })
+    .await;
+    assert_eq!(
+        holder.await.unwrap().unwrap(),
+        vec![-1553.0, 601.0, 1.0, 1.0]
+    );
+    let mut answers = Vec::new();
+    for ask in asks {
+        answers.push(ask.await.unwrap());
+    }
+    for (i, first) in [(0, 1.0), (1, 2.0), (3, 3.0)] {
+        assert_eq!(
+            answers[i].as_ref().unwrap(),
+            &vec![first * 2.0 + 1.0, 1.0, 1.0, 1.0]
+        );
+    }
+    match &answers[2] {
+        Err(BatchError::Model(msg)) => assert!(
+            msg.contains("fault model: input row holds the raise marker -999"),
+            "{msg}"
+        ),
+        other => panic!("expected the model's error, got {other:?}"),
+    }
+    let after = lv.batcher.stats();
+    // The holder's pass, the batch of four that failed, then each of the four alone.
+    assert_eq!(after.batches - before.batches, 6);
+    assert_eq!(after.failed_batches - before.failed_batches, 2);
 }

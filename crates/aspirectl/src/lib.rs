@@ -137,6 +137,13 @@ pub fn render_status(state: &ClusterState) -> String {
                 let _ = writeln!(out, "    {model} v{version}: {}{error}", status.state);
             }
         }
+        for slow in &worker.slow_passes {
+            let _ = writeln!(
+                out,
+                "    {} v{}: SLOW PASSES {} running now, {} since loaded (past the worker's --slow-pass-seconds)",
+                slow.model, slow.version, slow.running, slow.total
+            );
+        }
     }
     if !state.problems.is_empty() {
         let _ = writeln!(out, "IGNORED KEYS");
@@ -152,7 +159,8 @@ mod tests {
     use super::*;
     use aspire_core::records::{VersionState, VersionStatus};
     use aspire_core::{
-        AspiredVersions, AvailableVersion, AvailableVersions, SignatureMap, Version, WorkerRecord,
+        AspiredVersions, AvailableVersion, AvailableVersions, SignatureMap, SlowPasses, Version,
+        WorkerRecord,
     };
     use aspire_registry::MemoryRegistry;
 
@@ -206,6 +214,12 @@ mod tests {
             ]
             .into(),
         );
+        rec.slow_passes.push(SlowPasses {
+            model: ModelName::new("mnist").unwrap(),
+            version: v(2),
+            running: 1,
+            total: 4,
+        });
         r.put_worker("w1", &rec).await.unwrap();
         r
     }
@@ -291,6 +305,7 @@ mod tests {
             "mnist v2: AVAILABLE",
             "mnist v3: END  error: model.pt: bad zip",
             "/aspire/models/mnist/pined",
+            "mnist v2: SLOW PASSES 1 running now, 4 since loaded",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
