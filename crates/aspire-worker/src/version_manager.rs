@@ -823,14 +823,15 @@ async fn load_version(
         .map_err(|_| "the load thread ended without an answer".to_string())??)
 }
 
-/// Waits for requests in flight on `lv` to finish (they hold clones of the `Arc`), at
-/// most `drain`, then stops its batcher. Returns false when the drain limit was reached:
-/// the requests still queued or running were then answered with a retryable error, and
-/// the batcher lets go of the model once its last forward pass returns, without anyone
+/// Waits for requests in flight on `lv` to finish (they hold clones of the `Arc`) and
+/// for its forward passes to return (a caller that left does not end its pass), at most
+/// `drain`, then stops its batcher. Returns false when the drain limit was reached: the
+/// requests still queued or running were then answered with a retryable error, and the
+/// batcher lets go of the model once its last forward pass returns, without anyone
 /// waiting for it.
 async fn unload_version(lv: Arc<LoadedVersion>, drain: Duration) -> bool {
     let in_flight_done = async {
-        while Arc::strong_count(&lv) > 1 {
+        while Arc::strong_count(&lv) > 1 || lv.batcher.running_passes() > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
