@@ -1,5 +1,6 @@
 //! One forward pass: concatenating the items' inputs, padding,
-//! running the model, checking and splitting its outputs.
+//! running the model, checking and splitting its outputs; and, when a pass of several
+//! requests fails, running each of them again alone (poison isolation).
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
@@ -132,13 +133,13 @@ fn forward(
 /// Gives each of `items` its rows of `outputs` (all of them, uncopied, to a lone request
 /// that was not padded); leaves `items` empty.
 fn answer(items: &mut Vec<Item>, outputs: Vec<HostTensor>) {
-    if let [item] = items.as_slice() {
-        if outputs.iter().all(|o| o.rows() == item.rows) {
-            if let Some(item) = items.pop() {
-                let _ = item.reply.send(Ok(outputs));
-            }
-            return;
+    if let [item] = items.as_slice()
+        && outputs.iter().all(|o| o.rows() == item.rows)
+    {
+        if let Some(item) = items.pop() {
+            let _ = item.reply.send(Ok(outputs));
         }
+        return;
     }
     let mut start = 0;
     for item in items.drain(..) {
