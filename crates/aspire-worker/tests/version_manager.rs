@@ -1113,3 +1113,131 @@ async fn a_raising_request_in_a_real_batch_fails_alone_with_the_models_message()
     assert_eq!(after.batches - before.batches, 6);
     assert_eq!(after.failed_batches - before.failed_batches, 2);
 }
+
+/// A Predict for `model` with one row `[first, 1, 2]`; `forwarded` sets the header a
+/// router sets.
+fn predict_request(
+    model: &str,
+    first: f32,
+    forwarded: bool,
+) -> tonic::Request<aspire_proto::serving::PredictRequest> {
+    use aspire_proto::tensorflow::tensor_shape_proto::Dim;
+    let shape = aspire_proto::TensorShapeProto {
+        dim: [1, 3]
+            .iter()
+            .map(|&size| Dim {
+                size,
+                name: String::new(),
+            })
+            .collect(),
+        unknown_rank: false,
+    };
+    let x = aspire_proto::TensorProto {
+        dtype: 1,
+        tensor_shape: Some(shape),
+        float_val: vec![first, 1.0, 2.0],
+        ..Default::default()
+    };
+    let mut req = tonic::Request::new(aspire_proto::serving::PredictRequest {
+        model_spec: Some(aspire_proto::serving::ModelSpec {
+            name: model.to_string(),
+            ..Default::default()
+        }),
+        inputs: [("x".to_string(), x)].into(),
+        output_filter: vec![],
+    });
+    if forwarded {
+        req.metadata_mut()
+            .insert(aspire_worker::error::FORWARDED_HEADER, "1".parse().unwrap());
+    }
+    req
+}
+
+/// Through the gRPC service: when a version is dropped at its drain limit, a request a
+/// router forwarded gets the "version unloading" answer (UNAVAILABLE with its trailers,
+/// naming the version to use instead), a direct one a plain UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_version_tells_a_router_to_send_again_and_a_client_to_retry() {
+    use aspire_proto::serving::prediction_service_server::PredictionService;
+    use aspire_worker::codec::OutputEncoding;
+    use aspire_worker::service::{RequestLimits, ServingApi};
+
+    let w = Worker::start_with(Duration::ZERO, Duration::from_millis(300), false);
+    let mut available = vec![w.store("m", 1, "slow1", SIG)];
+    w.publish("m", available.clone()).await;
+    w.aspire("m", &[1]).await;
+    w.available("m", 1).await;
+    let api = ServingApi::new(
+        w.manager.clone(),
+        OutputEncoding::Typed,
+        RequestLimits {
+            max_request_bytes: 1 << 20,
+        },
+    );
+    // Some 10 s in one pass, forwarded; then a direct request queued behind it.
+    let forwarded = {
+        let api = api.clone();
+        tokio::spawn(async move { api.predict(predict_request("m", 120_000.0, true)).await })
+    };
+    eventually("the long pass is running", LIMIT, || {
+        match w.pick("m", Some(1)) {
+            Ok(lv) if lv.batcher.running_passes() == 1 => Ok(()),
+            other => Err(format!("{:?}", other.map(|lv| lv.batcher.running_passes()))),
+        }
+    })
+    .await;
+    let direct = {
+        let api = api.clone();
+        tokio::spawn(async move { api.predict(predict_request("m", 1.0, false)).await })
+    };
+    eventually("the direct request is queued", LIMIT, || {
+        match w.pick("m", Some(1)) {
+            Ok(lv) if lv.batcher.queued_rows() == 1 => Ok(()),
+            other => Err(format!("{:?}", other.map(|lv| lv.batcher.queued_rows()))),
+        }
+    })
+    .await;
+
+    available.push(w.store("m", 2, "scale2", SIG));
+    w.publish("m", available).await;
+    w.aspire("m", &[2]).await;
+
+    let status = tokio::time::timeout(LIMIT, forwarded)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect_err("the forwarded request's version was dropped");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let trailer = |name: &str| {
+        status
+            .metadata()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        trailer(aspire_worker::error::UNLOADING_TRAILER).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        trailer(aspire_worker::error::DEFAULT_VERSION_TRAILER).as_deref(),
+        Some("2")
+    );
+
+    let status = tokio::time::timeout(LIMIT, direct)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect_err("the direct request's version was dropped");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("--unload-drain-seconds"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .metadata()
+            .get(aspire_worker::error::UNLOADING_TRAILER)
+            .is_none()
+    );
+}
