@@ -3,7 +3,6 @@
 //! larger than a gRPC message (paged), and a lease that expired while etcd was frozen
 //! (the worker is back soon after etcd answers).
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,15 +35,6 @@ async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     start.elapsed()
-}
-
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{sig} {pid} failed");
 }
 
 /// The brief's case: two clients whose endpoint list starts with the member about to be
@@ -164,14 +154,13 @@ async fn a_silent_watch_is_restarted() {
         "an idle watch was restarted"
     );
 
-    let pid = server.pid().expect("etcd runs");
-    signal(pid, "STOP");
+    server.freeze().expect("freeze etcd");
     // Frozen for a few stall bounds: the stream must be given up meanwhile.
     let frozen = Instant::now();
     while frozen.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    signal(pid, "CONT");
+    server.thaw().expect("thaw etcd");
     eventually(Duration::from_secs(10), "a new watch stream", || {
         watcher.watch_streams_opened() >= 2
     })
@@ -283,14 +272,13 @@ async fn a_worker_whose_lease_expired_during_a_freeze_is_back_soon() {
     let first_lease =
         lease_of(kv.get("/freeze/workers/w1", None).await.expect("get")).expect("w1 is in etcd");
 
-    let pid = server.pid().expect("etcd runs");
-    signal(pid, "STOP");
+    server.freeze().expect("freeze etcd");
     // Longer than the TTL: etcd revokes the lease as soon as it runs again.
     let frozen = Instant::now();
     while frozen.elapsed() < Duration::from_secs(11) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    signal(pid, "CONT");
+    server.thaw().expect("thaw etcd");
     let resumed = Instant::now();
     // Back under a new lease; the bound is well under a third of the TTL (3 s).
     let back = loop {
