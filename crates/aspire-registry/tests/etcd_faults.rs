@@ -174,11 +174,14 @@ async fn a_silent_watch_is_restarted() {
     .await;
 }
 
-/// More than 4 MiB under the prefix (five ~1 MiB values under keys the roles ignore):
-/// connecting lists it in pages, `state()` too, and after an etcd restart the watcher
-/// lists it again and keeps working.
+/// 20 MiB under the prefix (twenty 1 MiB values under keys the roles ignore), more than
+/// tonic's 4 MiB and than the 16 MiB this client decodes in one response: connecting
+/// lists it in pages (the first page of 100 keys is too large and is read again in
+/// smaller ones), `state()` too, and after an etcd restart the watcher lists it again and
+/// keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_larger_than_a_grpc_message_are_paged() {
+    const BLOBS: usize = 20;
     let mut server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
     let schema = KeySchema::new("/big");
     let options = EtcdOptions {
@@ -189,7 +192,7 @@ async fn listings_larger_than_a_grpc_message_are_paged() {
         .await
         .expect("connect");
     let blob = vec![b'x'; 1024 * 1024];
-    for i in 0..5 {
+    for i in 0..BLOBS {
         writer
             .put_raw(&format!("/big/blobs/b{i}"), Some(&blob))
             .await
@@ -204,13 +207,13 @@ async fn listings_larger_than_a_grpc_message_are_paged() {
 
     let reader = EtcdRegistry::connect(&[server.endpoint()], schema, options)
         .await
-        .expect("connecting lists over 5 MiB");
+        .expect("connecting lists 20 MiB");
     let s = reader.subscribe().borrow().clone();
     assert!(s.models.contains_key(&m) && s.workers.contains_key("w1"));
     // The ignored keys show up as problems, as any unknown key does.
-    assert_eq!(s.problems.len(), 5, "{:?}", s.problems.keys());
-    let fresh = reader.state().await.expect("state() over 5 MiB");
-    assert_eq!(fresh.problems.len(), 5);
+    assert_eq!(s.problems.len(), BLOBS, "{:?}", s.problems.keys());
+    let fresh = reader.state().await.expect("state() of 20 MiB");
+    assert_eq!(fresh.problems.len(), BLOBS);
 
     server.restart().expect("restart etcd");
     let m2 = model("later");
@@ -301,4 +304,33 @@ async fn a_worker_whose_lease_expired_during_a_freeze_is_back_soon() {
         back < Duration::from_millis(2500),
         "re-registration took {back:?}, not about the retry interval"
     );
+}
+
+/// An endpoint where nothing listens, listed first, is skipped at connect and stays
+/// skipped: calls and the watch go to the next one.
+#[tokio::test]
+async fn a_dead_first_endpoint_is_skipped() {
+    let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let endpoints = [dead, server.endpoint()];
+    let options = EtcdOptions {
+        op_timeout: Duration::from_secs(2),
+        ..EtcdOptions::default()
+    };
+    let r = EtcdRegistry::connect(&endpoints, KeySchema::new("/dead"), options)
+        .await
+        .expect("the live endpoint is found");
+    assert_eq!(r.current_endpoint(), server.endpoint());
+    r.put_worker("w1", &worker("10.0.0.1:1"))
+        .await
+        .expect("put via the live endpoint");
+    let mut rx = r.subscribe();
+    eventually(Duration::from_secs(5), "w1 watched", || {
+        rx.borrow_and_update().workers.contains_key("w1")
+    })
+    .await;
+    assert_eq!(r.current_endpoint(), server.endpoint());
 }

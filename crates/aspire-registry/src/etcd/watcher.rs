@@ -374,6 +374,13 @@ mod tests {
     use super::*;
     use crate::etcd_server::EtcdServer;
 
+    #[test]
+    fn the_prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end("/aspire/"), b"/aspire0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+        assert_eq!(prefix_end(""), vec![0]);
+    }
+
     /// A watch that starts behind a compaction cannot replay history: it must list again.
     #[tokio::test]
     async fn a_watch_behind_a_compaction_lists_again() {
