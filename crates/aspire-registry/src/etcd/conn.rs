@@ -264,6 +264,7 @@ impl Conn {
         let deadline = Instant::now() + self.inner.op_timeout;
         let mut last = None;
         for _ in 0..self.inner.endpoints.len() {
+            let (index, generation) = self.position();
             let session = match tokio::time::timeout_at(deadline, self.session()).await {
                 Ok(Ok(session)) => session,
                 Ok(Err(e)) if e.moves_on() => {
@@ -271,7 +272,12 @@ impl Conn {
                     continue;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => break,
+                Err(_) => {
+                    // Connecting (authenticating) there took all the time left.
+                    let err = self.timeout(&self.inner.endpoints[index], what);
+                    self.leave(generation, &err.to_string());
+                    return Err(err);
+                }
             };
             match tokio::time::timeout_at(deadline, call(session.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
