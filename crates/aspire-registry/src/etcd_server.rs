@@ -131,6 +131,37 @@ impl EtcdServer {
         }
     }
 
+    /// Freezes etcd (SIGSTOP): it holds its connections but answers nothing, as a stalled
+    /// disk or a paused VM would, until [`Self::thaw`]. Fails when etcd is not running or
+    /// the signal cannot be sent.
+    pub fn freeze(&self) -> Result<(), String> {
+        self.signal("STOP")
+    }
+
+    /// Lets a frozen etcd run again (SIGCONT).
+    pub fn thaw(&self) -> Result<(), String> {
+        self.signal("CONT")
+    }
+
+    /// Sends `SIG<name>` to etcd with `kill(1)` (no `unsafe` in this crate).
+    fn signal(&self, name: &str) -> Result<(), String> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| format!("cannot send SIG{name} to etcd: it is not running"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run kill -{name} {pid}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{name} {pid} (etcd) exited with {status}"))
+        }
+    }
+
     /// Starts etcd again on the same ports and data dir (stopping it first if it runs)
     /// and waits until it is healthy.
     pub fn restart(&mut self) -> Result<(), String> {
@@ -293,6 +324,22 @@ mod tests {
     fn nothing_listening_is_not_healthy() {
         let [port] = free_port_array().expect("ports");
         assert!(!is_healthy(SocketAddr::from(([127, 0, 0, 1], port))));
+    }
+
+    #[test]
+    fn a_frozen_etcd_answers_nothing_until_thawed() {
+        let mut server = EtcdServer::start().expect("etcd");
+        let addr = SocketAddr::from(([127, 0, 0, 1], server.metrics_port));
+        assert!(is_healthy(addr));
+        server.freeze().expect("freeze");
+        // Stopped, it cannot answer: the kernel accepts the connection, nobody reads it.
+        assert!(!is_healthy(addr));
+        server.thaw().expect("thaw");
+        let log = server.dir().join("etcd.log");
+        server.wait_healthy(&log).expect("healthy again after thaw");
+        server.stop();
+        let err = server.freeze().expect_err("not running");
+        assert!(err.contains("not running"), "{err}");
     }
 
     #[test]
