@@ -89,6 +89,22 @@ struct Steady {
     answers: Vec<(Instant, i64)>,
 }
 
+/// Waits until the steady clients have had `n` answers after `since`: instead of a fixed
+/// sleep, an event that proves the load went on past whatever happened before `since`.
+async fn answers_after(steady: &Arc<Mutex<Steady>>, since: Instant, n: usize, what: &str) {
+    eventually(LIMIT, what, || {
+        let count = steady
+            .lock()
+            .expect("lock")
+            .answers
+            .iter()
+            .filter(|(at, _)| *at > since)
+            .count();
+        async move { (count >= n).then_some(()) }
+    })
+    .await;
+}
+
 /// etcd, discovery, two workers and the router, on loopback, serving mnist v1 (and v2
 /// exported beside it).
 struct Stack {
@@ -305,7 +321,15 @@ async fn cluster_scenario_loses_no_request() {
     .await;
     let killed_at = Instant::now();
     stack.workers[0].kill();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Not a fixed sleep: wait until etcd has forgotten w1 (its 3 s lease expired, so the
+    // router's watch drops it), then for answers after that, so the window checked for
+    // failures surely covers the router's reaction to the loss.
+    eventually(LIMIT, "w1's registration expired", || {
+        let status = stack.status();
+        async move { (!status.contains("w1 ")).then_some(()) }
+    })
+    .await;
+    answers_after(&steady, Instant::now(), 50, "answers after w1 expired").await;
     let v2 = client(&router_addr, 1000).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -344,8 +368,9 @@ async fn a_worker_stopped_with_sigterm_costs_no_request() {
     })
     .await;
     let stop = Arc::new(AtomicBool::new(false));
+    let load_from = Instant::now();
     let (steady, tasks) = stack.steady_clients(4, &stop).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    answers_after(&steady, load_from, 20, "the steady clients answered").await;
     let stopped_at = Instant::now();
     assert_eq!(
         stack.workers[0].terminate(),
@@ -358,7 +383,8 @@ async fn a_worker_stopped_with_sigterm_costs_no_request() {
         async move { (!status.contains("w1 ")).then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Answers after the deregistration prove the router served on through it.
+    answers_after(&steady, Instant::now(), 50, "answers after w1 deregistered").await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.expect("steady client");
