@@ -28,7 +28,7 @@ use crate::load;
 use crate::proc_stat;
 use crate::request::{self, RequestSpec};
 use schedule::{Event, ScheduleConfig, Scheduled};
-use stack::{Layout, MODEL, Stack, StackConfig};
+use stack::{Layout, MODEL, ProcessView, Stack, StackConfig};
 use stats::{Growth, GrowthBound, RssSample, Timeline, clock, mib};
 
 /// Callers sharing one HTTP/2 connection to the router.
@@ -201,8 +201,10 @@ struct Memory {
 }
 
 impl Memory {
-    fn read(&mut self, stack: &Mutex<Stack>, start: Instant) {
-        let processes = lock(stack).processes();
+    /// Reads every process's RSS now; `processes` is the injector's latest view of the
+    /// stack, so a fault holding the stack (a worker's start waits until it listens) does
+    /// not delay the reading.
+    fn read(&mut self, processes: Vec<ProcessView>, start: Instant) {
         let at = start.elapsed();
         for p in processes {
             if !self.order.contains(&p.name) {
@@ -282,12 +284,8 @@ async fn drive(
     let total = config.total;
     let timeline = Arc::new(Mutex::new(Timeline::new(config.period)));
     let memory = Arc::new(Mutex::new(Memory::default()));
-    {
-        let (stack, memory) = (Arc::clone(&stack), Arc::clone(&memory));
-        tokio::task::spawn_blocking(move || lock(&memory).read(&stack, start))
-            .await
-            .map_err(|e| Error::Stack(format!("reading memory: {e}")))?;
-    }
+    let views = Arc::new(Mutex::new(lock(&stack).processes()));
+    lock(&memory).read(lock(&views).clone(), start);
 
     let (stop, stopped) = watch::channel(false);
     let mut callers = Vec::with_capacity(config.concurrency);
@@ -325,15 +323,19 @@ async fn drive(
     }
 
     let injector = {
-        let stack = Arc::clone(&stack);
+        let (stack, views) = (Arc::clone(&stack), Arc::clone(&views));
         tokio::spawn(async move {
             let mut failures = Vec::new();
             for (at, event) in events {
                 tokio::time::sleep_until((start + at).into()).await;
-                let stack = Arc::clone(&stack);
-                let result = tokio::task::spawn_blocking(move || inject(&stack, event))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::Stack(format!("the fault task failed: {e}"))));
+                let (stack, views) = (Arc::clone(&stack), Arc::clone(&views));
+                let result = tokio::task::spawn_blocking(move || {
+                    let result = inject(&stack, event);
+                    *lock(&views) = lock(&stack).processes();
+                    result
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::Stack(format!("the fault task failed: {e}"))));
                 let now = clock(start.elapsed());
                 match result {
                     Ok(detail) if detail.is_empty() => println!("[{now}] {event}"),
@@ -353,13 +355,12 @@ async fn drive(
     for i in 0..periods {
         let boundary = (config.period * u32::try_from(i + 1).unwrap_or(u32::MAX)).min(total);
         tokio::time::sleep_until((start + boundary).into()).await;
-        let (stack2, memory2) = (Arc::clone(&stack), Arc::clone(&memory));
-        let exits = tokio::task::spawn_blocking(move || {
-            lock(&memory2).read(&stack2, start);
-            lock(&stack2).unexpected_exits()
-        })
-        .await
-        .unwrap_or_default();
+        lock(&memory).read(lock(&views).clone(), start);
+        // Checked when no fault holds the stack; a busy stack is checked at the next line.
+        let exits = match stack.try_lock() {
+            Ok(mut stack) => stack.unexpected_exits(),
+            Err(_) => Vec::new(),
+        };
         // Let calls that finished at the boundary be counted.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let p = lock(&timeline).period(i);
@@ -392,6 +393,10 @@ async fn drive(
         .await
         .unwrap_or_else(|e| vec![format!("the fault task failed: {e}")]);
     drop(stop);
+    for exit in lock(&stack).unexpected_exits() {
+        println!("    {exit}");
+        unexpected_exits.push(exit);
+    }
 
     let timeline = lock(&timeline).clone();
     let memory = std::mem::take(&mut *lock(&memory));
