@@ -154,7 +154,14 @@ pub fn run_soak(config: &SoakConfig, runtime: &tokio::runtime::Runtime) -> Resul
         lease_ttl_secs: config.lease_ttl_secs,
     })?;
     let stack = Arc::new(Mutex::new(stack));
-    let outcome = runtime.block_on(drive(config, events, Arc::clone(&stack)));
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = drive(config, events, Arc::clone(&stack)) => outcome,
+            () = crate::cli::shutdown_signal() => Err(Error::Stack(
+                "interrupted (Ctrl-C or SIGTERM); stopping everything it started".to_string(),
+            )),
+        }
+    });
     lock(&stack).shutdown();
     outcome
 }
