@@ -173,6 +173,32 @@ impl ModelEntry {
         model: &ModelName,
         requested: Option<Version>,
     ) -> Result<Arc<LoadedVersion>, WorkerError> {
+        self.pick_for(model, requested, false)
+    }
+
+    /// [`Self::pick`] for a request a router `forwarded` (it carried
+    /// [`crate::error::FORWARDED_HEADER`]): a version this worker is unloading past its
+    /// grace, or has unloaded, is then [`WorkerError::VersionUnloading`] (the router's
+    /// view lags; it picks again) rather than NOT_FOUND, which a client calling the
+    /// worker directly still gets, as from TensorFlow Serving.
+    pub fn pick_for(
+        &self,
+        model: &ModelName,
+        requested: Option<Version>,
+        forwarded: bool,
+    ) -> Result<Arc<LoadedVersion>, WorkerError> {
+        if let Some(v) = requested.filter(|_| forwarded) {
+            if !self.loaded.contains_key(&v)
+                && !self.draining.contains_key(&v)
+                && self.was_served(v)
+            {
+                return Err(WorkerError::VersionUnloading {
+                    model: model.clone(),
+                    version: v,
+                    default_version: self.default_version(),
+                });
+            }
+        }
         let not_found = |what: String| WorkerError::VersionNotFound {
             model: model.clone(),
             what,
@@ -197,6 +223,22 @@ impl ModelEntry {
         }
     }
 }
+
+impl ModelEntry {
+    /// Whether `version` was served here and is going or gone: UNLOADING, or END
+    /// without an error (unloaded; a failed load ends with one).
+    fn was_served(&self, version: Version) -> bool {
+        self.statuses.get(&version).is_some_and(|s| match s.state {
+            VersionState::Unloading => true,
+            VersionState::End => s.error.is_none(),
+            _ => false,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "version_manager_pick_tests.rs"]
+mod pick_tests;
 
 /// The immutable snapshot request handlers read.
 #[derive(Default, Clone)]
