@@ -187,17 +187,16 @@ impl ModelEntry {
         requested: Option<Version>,
         forwarded: bool,
     ) -> Result<Arc<LoadedVersion>, WorkerError> {
-        if let Some(v) = requested.filter(|_| forwarded) {
-            if !self.loaded.contains_key(&v)
-                && !self.draining.contains_key(&v)
-                && self.was_served(v)
-            {
-                return Err(WorkerError::VersionUnloading {
-                    model: model.clone(),
-                    version: v,
-                    default_version: self.default_version(),
-                });
-            }
+        if let Some(v) = requested.filter(|_| forwarded)
+            && !self.loaded.contains_key(&v)
+            && !self.draining.contains_key(&v)
+            && self.was_served(v)
+        {
+            return Err(WorkerError::VersionUnloading {
+                model: model.clone(),
+                version: v,
+                default_version: self.default_version(),
+            });
         }
         let not_found = |what: String| WorkerError::VersionNotFound {
             model: model.clone(),
