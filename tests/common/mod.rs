@@ -4,6 +4,8 @@
 
 #![allow(missing_docs)]
 
+pub mod stack;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

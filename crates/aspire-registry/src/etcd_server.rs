@@ -121,6 +121,31 @@ impl EtcdServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Freezes etcd (SIGSTOP): its connections stay open and nothing answers, as when a
+    /// host stalls or a VM pauses. [`Self::thaw`] resumes it.
+    pub fn freeze(&self) -> Result<(), String> {
+        self.signal("STOP")
+    }
+
+    /// Resumes a frozen etcd (SIGCONT).
+    pub fn thaw(&self) -> Result<(), String> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> Result<(), String> {
+        let pid = self.pid().ok_or("etcd is not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -{name} {pid} failed: {status}"))
+        }
+    }
+
     /// Kills etcd (SIGKILL, as a crash would) and waits for it to exit. The data dir
     /// stays, for [`Self::restart`].
     pub fn stop(&mut self) {
@@ -287,6 +312,28 @@ mod tests {
         let [a, b, c] = free_port_array().expect("ports");
         assert!(a != b && b != c && a != c, "{a} {b} {c}");
         assert_ne!(a, 0);
+    }
+
+    #[test]
+    fn a_frozen_etcd_answers_nothing_until_thawed() {
+        let server = EtcdServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let metrics: SocketAddr = server
+            .metrics_endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("metrics address");
+        assert!(is_healthy(metrics));
+        server.freeze().expect("freeze");
+        assert!(!is_healthy(metrics), "a frozen etcd answered");
+        server.thaw().expect("thaw");
+        let thawed = Instant::now();
+        while !is_healthy(metrics) {
+            assert!(
+                thawed.elapsed() < HEALTHY_WITHIN,
+                "a thawed etcd did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
