@@ -177,10 +177,12 @@ impl ModelEntry {
     }
 
     /// [`Self::pick`] for a request a router `forwarded` (it carried
-    /// [`crate::error::FORWARDED_HEADER`]): a version this worker is unloading past its
-    /// grace, or has unloaded, is then [`WorkerError::VersionUnloading`] (the router's
-    /// view lags; it picks again) rather than NOT_FOUND, which a client calling the
-    /// worker directly still gets, as from TensorFlow Serving.
+    /// [`crate::error::FORWARDED_HEADER`]). A router forwards a version only to a worker
+    /// whose record it last saw with that version AVAILABLE, so a forwarded request for a
+    /// version not served here (unloading past its grace, unloaded, or unloaded and now
+    /// loading again) means the router's view lags: the answer is then
+    /// [`WorkerError::VersionUnloading`], and the router picks again. A client calling
+    /// the worker directly still gets NOT_FOUND, as from TensorFlow Serving.
     pub fn pick_for(
         &self,
         model: &ModelName,
@@ -190,7 +192,6 @@ impl ModelEntry {
         if let Some(v) = requested.filter(|_| forwarded)
             && !self.loaded.contains_key(&v)
             && !self.draining.contains_key(&v)
-            && self.was_served(v)
         {
             return Err(WorkerError::VersionUnloading {
                 model: model.clone(),
@@ -220,18 +221,6 @@ impl ModelEntry {
                 .and_then(|v| self.loaded.get(&v).cloned())
                 .ok_or_else(|| not_found("no version is loaded yet".to_string())),
         }
-    }
-}
-
-impl ModelEntry {
-    /// Whether `version` was served here and is going or gone: UNLOADING, or END
-    /// without an error (unloaded; a failed load ends with one).
-    fn was_served(&self, version: Version) -> bool {
-        self.statuses.get(&version).is_some_and(|s| match s.state {
-            VersionState::Unloading => true,
-            VersionState::End => s.error.is_none(),
-            _ => false,
-        })
     }
 }
 

@@ -27,10 +27,12 @@ fn entry() -> ModelEntry {
 }
 
 #[test]
-fn a_forwarded_request_for_a_version_going_or_gone_gets_version_unloading() {
+fn a_forwarded_request_for_a_version_not_served_gets_version_unloading() {
     let model = ModelName::new("m").unwrap();
     let e = entry();
-    for n in [1, 2] {
+    // Unloaded, unloading, a failed load, loading (again), never heard of: the router
+    // saw each AVAILABLE here, so its view lags.
+    for n in [1, 2, 3, 4, 5] {
         match e.pick_for(&model, Some(v(n)), true) {
             Err(WorkerError::VersionUnloading {
                 version,
@@ -55,7 +57,7 @@ fn a_forwarded_request_for_a_version_going_or_gone_gets_version_unloading() {
 }
 
 #[test]
-fn without_the_header_or_for_versions_never_served_it_is_not_found() {
+fn without_the_header_it_is_not_found() {
     let model = ModelName::new("m").unwrap();
     let e = entry();
     for n in [1, 2, 3, 4, 5] {
@@ -65,14 +67,6 @@ fn without_the_header_or_for_versions_never_served_it_is_not_found() {
             "version {n} direct: {direct:?}"
         );
         assert_eq!(tonic::Status::from(direct).code(), tonic::Code::NotFound);
-    }
-    // A failed load, one still loading, one never heard of: NOT_FOUND even forwarded.
-    for n in [3, 4, 5] {
-        let fwd = e.pick_for(&model, Some(v(n)), true).err().unwrap();
-        assert!(
-            matches!(fwd, WorkerError::VersionNotFound { .. }),
-            "version {n} forwarded: {fwd:?}"
-        );
     }
     // `pick` is the direct caller's answer.
     assert!(matches!(
