@@ -178,10 +178,11 @@ async fn revoked_worker_leases_lose_no_request_and_workers_register_again() {
     let steady = stack.steady_clients(3).await;
     let revoked_at = Instant::now();
     let leases = stack.etcdctl(&["lease", "list"]);
+    // "found N leases", then one hexadecimal id a line.
     let ids: Vec<&str> = leases
         .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
         .map(str::trim)
+        .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_hexdigit()))
         .collect();
     assert!(!ids.is_empty(), "no lease to revoke: {leases}");
     for id in &ids {
