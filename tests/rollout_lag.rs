@@ -34,7 +34,11 @@ fn counter(addr: &str, name: &str) -> f64 {
 /// Replaces the stack's router with one whose etcd is `etcd` and whose metrics are
 /// served on the returned address; waits until it serves version 1 again.
 async fn restart_router(stack: &mut Stack, etcd: &str) -> String {
-    assert_eq!(stack.router.terminate(), Some(0), "the first router exits cleanly");
+    assert_eq!(
+        stack.router.terminate(),
+        Some(0),
+        "the first router exits cleanly"
+    );
     let port = stack
         .router_addr
         .rsplit(':')
@@ -84,7 +88,10 @@ async fn a_rollout_seen_4_s_late_by_the_router_loses_no_request() {
     let t = Instant::now();
     stack.add_version(2);
     let to_v2 = stack.wait_default(2, t).await;
-    assert!(to_v2 >= lag, "the router saw v2 after {to_v2:?}, before the lag");
+    assert!(
+        to_v2 >= lag,
+        "the router saw v2 after {to_v2:?}, before the lag"
+    );
     println!("copy v2 -> v2 served by default through a {lag:?} lag: {to_v2:?}");
 
     // Roll back to v1 by pin, then unpin: each time the workers drop the version the
@@ -124,7 +131,10 @@ async fn a_rollout_seen_4_s_late_by_the_router_loses_no_request() {
         repicks > 0.0,
         "no request met an unloaded version: the lag was not exercised"
     );
-    assert_eq!(marked_down, 0.0, "a worker unloading a version was marked down");
+    assert_eq!(
+        marked_down, 0.0,
+        "a worker unloading a version was marked down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +161,10 @@ async fn etcd_frozen_past_the_lease_ttl_loses_no_request_and_workers_register_ag
     println!("etcd frozen for {:?}", thawed_at - frozen_at);
     // Both workers are listed again, and the router keeps serving.
     stack.wait_on_workers(1, 2).await;
-    println!("workers listed again {:?} after the thaw", thawed_at.elapsed());
+    println!(
+        "workers listed again {:?} after the thaw",
+        thawed_at.elapsed()
+    );
     eventually(LIMIT, "steady answers after the thaw", || {
         let n = steady.answers_after(Instant::now() - Duration::from_millis(500));
         async move { (n >= 20).then_some(()) }
@@ -195,7 +208,10 @@ async fn revoked_worker_leases_lose_no_request_and_workers_register_again() {
     })
     .await;
     stack.wait_on_workers(1, 2).await;
-    println!("workers listed again {:?} after the revoke", revoked_at.elapsed());
+    println!(
+        "workers listed again {:?} after the revoke",
+        revoked_at.elapsed()
+    );
     let after = Instant::now();
     eventually(LIMIT, "steady answers after the re-registration", || {
         let n = steady.answers_after(after);
