@@ -186,7 +186,7 @@ impl Router {
         match call.wanted {
             Some(v) => unloaded_everywhere(&self.table.load(), model, v).into(),
             None => RouterError::NoLiveWorker(format!(
-                "model '{model}': the {} workers tried were unloading the version each was sent \
+                "model '{model}': each of {} tries met a worker unloading the version it was sent \
                  (last: version {} on worker '{}'); the cluster is changing versions, retry shortly",
                 MAX_REPICKS + 1,
                 unloading.version,
