@@ -262,7 +262,7 @@ impl Drop for EtcdServer {
 
 /// `N` distinct free loopback ports. Every listener stays open until all are chosen, so
 /// the OS cannot hand out the same port twice.
-fn free_port_array<const N: usize>() -> Result<[u16; N], String> {
+pub(crate) fn free_port_array<const N: usize>() -> Result<[u16; N], String> {
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0; N];
     for port in &mut ports {
@@ -278,7 +278,7 @@ fn free_port_array<const N: usize>() -> Result<[u16; N], String> {
 }
 
 /// `GET /health` over HTTP/1.0: etcd answers `{"health":"true"}` once it has a leader.
-fn is_healthy(addr: SocketAddr) -> bool {
+pub(crate) fn is_healthy(addr: SocketAddr) -> bool {
     let timeout = Duration::from_millis(500);
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
         return false;
@@ -297,7 +297,7 @@ fn is_healthy(addr: SocketAddr) -> bool {
     response.starts_with("HTTP/1.") && response.contains("\"health\":\"true\"")
 }
 
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
