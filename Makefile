@@ -40,6 +40,10 @@ test: setup ## Install what is missing, then run every test, clippy and rustfmt
 bench: setup ## Benchmark on loopback (direct/router, batching off/on, ceilings) into BENCHMARKS.md; BENCH_SECONDS=5 per run
 	@bash scripts/bench.sh
 
+.PHONY: soak
+soak: setup ## Soak the stack: load through the router while versions arrive, etcd restarts and freezes, a worker dies; SOAK_MINUTES=10; not part of make test
+	@bash scripts/soak.sh
+
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= tensor_codec wire_split signature_json etcd_values text_config
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aspire_mnist::client::{ClientOptions, ClientReport, build_request, run_client};
@@ -93,10 +93,12 @@ async fn tutorial_version_swap_loses_no_request() {
 
     // A steady client through the swap.
     let stop = Arc::new(AtomicBool::new(false));
+    // Answers so far, all clients together: the copy waits on them, not on a fixed sleep.
+    let answered = Arc::new(AtomicUsize::new(0));
     let mut steady = Vec::new();
     for _ in 0..4 {
         let mut c = server.predict_client().await;
-        let stop = stop.clone();
+        let (stop, answered) = (stop.clone(), answered.clone());
         let data = aspire_mnist::data::load(Path::new(&mnist_data())).expect("data");
         steady.push(tokio::spawn(async move {
             let (mut ok, mut failed, mut by_v2) = (0usize, Vec::new(), 0usize);
@@ -107,6 +109,7 @@ async fn tutorial_version_swap_loses_no_request() {
                 match c.predict(req).await {
                     Ok(r) => {
                         ok += 1;
+                        answered.fetch_add(1, Ordering::Relaxed);
                         if r.into_inner()
                             .model_spec
                             .and_then(|s| s.version_choice)
@@ -127,7 +130,12 @@ async fn tutorial_version_swap_loses_no_request() {
             (ok, failed, by_v2)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The steady clients are answered by v1 before the swap starts.
+    eventually(LIMIT, "the steady clients answered by v1", || {
+        let n = answered.load(Ordering::Relaxed);
+        async move { (n >= 40).then_some(()) }
+    })
+    .await;
 
     let copied_at = Instant::now();
     copy_dir(&exported.join("2"), &monitored.join("2"));

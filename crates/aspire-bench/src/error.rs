@@ -38,6 +38,13 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The soak's stack (etcd, discovery, workers, router) could not be started or steered.
+    #[error("soak: {0}")]
+    Stack(String),
+    /// The soak ran and found failed calls, memory growth, faults it could not inject or
+    /// roles that exited.
+    #[error("the soak failed: {0}")]
+    SoakFailed(String),
     /// A results file holds a line that is not a result.
     #[error("{0}")]
     BadResult(String),

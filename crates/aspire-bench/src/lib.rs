@@ -7,7 +7,8 @@
 //! - [`report`]: the one table and the target checks, from the runs' JSON lines;
 //! - [`request`]: the pre-encoded request and the bare server's response;
 //! - [`codec`]: the bytes-in, bytes-out gRPC codec of the generator;
-//! - [`proc_stat`]: process CPU time from `/proc`;
+//! - [`soak`]: `make soak`, the whole stack under load through faults for minutes;
+//! - [`proc_stat`]: process CPU time and resident memory from `/proc`;
 //! - [`worker_metrics`]: scraping and differencing the worker's Prometheus metrics;
 //! - [`cli`]: the subcommands;
 //! - [`error`]: the crate's error.
@@ -20,6 +21,7 @@ pub mod load;
 pub mod proc_stat;
 pub mod report;
 pub mod request;
+pub mod soak;
 pub mod transport;
 pub mod worker_metrics;
 

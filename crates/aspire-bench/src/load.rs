@@ -206,7 +206,7 @@ fn uri_of(server: &str) -> String {
 }
 
 /// Opens `n` separate HTTP/2 connections to `server`.
-async fn connect(server: &str, n: usize, timeout: Duration) -> Result<Vec<Channel>> {
+pub(crate) async fn connect(server: &str, n: usize, timeout: Duration) -> Result<Vec<Channel>> {
     let endpoint = Endpoint::from_shared(uri_of(server))
         .map_err(|e| Error::InvalidOption(format!("--server {server:?} is not an address: {e}")))?
         .connect_timeout(timeout)
@@ -222,7 +222,7 @@ async fn connect(server: &str, n: usize, timeout: Duration) -> Result<Vec<Channe
     Ok(channels)
 }
 
-async fn call(
+pub(crate) async fn call(
     grpc: &mut tonic::client::Grpc<Channel>,
     body: Bytes,
     timeout: Duration,

@@ -1,5 +1,6 @@
 //! CPU time of a process, from `/proc/<pid>/stat` (user + system, all its threads), to
-//! charge a run's CPU to the router, the worker and the load generator itself.
+//! charge a run's CPU to the router, the worker and the load generator itself; and its
+//! resident memory, from `/proc/<pid>/status`, for the soak's growth check.
 
 use std::time::Duration;
 
@@ -61,6 +62,26 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Resident memory of `pid` (`VmRSS` of `/proc/<pid>/status`), bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    parse_vm_rss(&text).ok_or_else(|| Error::BadResult(format!("{path} has no VmRSS line")))
+}
+
+/// The `VmRSS:` line of a `/proc/<pid>/status` text, in bytes (the kernel writes kB,
+/// meaning KiB). A zombie has no such line.
+pub fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut fields = line["VmRSS:".len()..].split_whitespace();
+    let kib: u64 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some("kB") | None => kib.checked_mul(1024),
+        Some(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +113,16 @@ mod tests {
         let after = cpu_time(None).unwrap();
         assert!(after > before, "{before:?} -> {after:?}");
         assert!(cpu_time(Some(u32::MAX)).is_err());
+    }
+
+    #[test]
+    fn reads_vm_rss_in_bytes() {
+        let status = "Name:\tetcd\nVmPeak:\t  999 kB\nVmRSS:\t   30720 kB\nThreads:\t9\n";
+        assert_eq!(parse_vm_rss(status), Some(30 << 20));
+        assert_eq!(parse_vm_rss("Name:\tzombie\nState:\tZ\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+        assert!(rss_bytes(std::process::id()).unwrap() > 1 << 20);
+        assert!(rss_bytes(u32::MAX).is_err());
     }
 }

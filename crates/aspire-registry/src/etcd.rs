@@ -1,8 +1,10 @@
 //! The etcd registry: the [`Registry`] a cluster's roles share. Writes go straight to
 //! etcd; worker records live under this client's lease (module `lease`); a background
-//! watch keeps the parsed [`ClusterState`] current across etcd restarts (module
-//! `watcher`). Every etcd call is bounded by [`EtcdOptions::op_timeout`], so an etcd that
-//! went away never hangs a caller.
+//! watch keeps the parsed [`ClusterState`] current across etcd restarts, compactions and
+//! members that lose their leader (module `watcher`). Every etcd call is bounded by
+//! [`EtcdOptions::op_timeout`], so an etcd that went away never hangs a caller, and
+//! every call requires the member to have a leader; the client uses one endpoint at a
+//! time and moves to the next when it fails (module `conn`).
 
 mod conn;
 mod lease;
@@ -34,8 +36,20 @@ pub struct EtcdOptions {
     /// third of it.
     pub lease_ttl: Duration,
     /// The most any one etcd call may take before it fails with
-    /// [`RegistryError::Unavailable`].
+    /// [`RegistryError::Unavailable`] (a call that fails fast on one endpoint is tried on
+    /// the next within the same bound).
     pub op_timeout: Duration,
+    /// While keep-alives or re-registrations fail, how soon the lease task tries again
+    /// (instead of a third of [`Self::lease_ttl`]), so a worker whose lease expired while
+    /// etcd was away registers again as soon as etcd answers.
+    pub retry_interval: Duration,
+    /// How often the watch asks etcd for a progress report and its member for a leader.
+    pub progress_interval: Duration,
+    /// A watch stream that brings no message of any kind this long is broken: the client
+    /// moves to its next endpoint, lists the prefix again and watches anew.
+    pub stall_timeout: Duration,
+    /// Most keys per page when listing the prefix.
+    pub list_page_size: u32,
 }
 
 impl Default for EtcdOptions {
@@ -43,6 +57,20 @@ impl Default for EtcdOptions {
         Self {
             lease_ttl: Duration::from_secs(10),
             op_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(500),
+            progress_interval: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(5),
+            list_page_size: 100,
+        }
+    }
+}
+
+impl EtcdOptions {
+    fn tuning(&self) -> watcher::WatchTuning {
+        watcher::WatchTuning {
+            page_size: self.list_page_size.max(1),
+            progress_interval: self.progress_interval.max(Duration::from_millis(10)),
+            stall_timeout: self.stall_timeout.max(Duration::from_millis(10)),
         }
     }
 }
@@ -57,6 +85,8 @@ pub struct EtcdRegistry {
     schema: KeySchema,
     tx: Arc<watch::Sender<Arc<ClusterState>>>,
     workers: Arc<WorkerLease>,
+    tuning: watcher::WatchTuning,
+    stats: Arc<watcher::WatchStats>,
     cancel: CancellationToken,
 }
 
@@ -95,15 +125,23 @@ impl EtcdRegistry {
         let conn = Conn::connect(endpoints, options.op_timeout, security).await?;
         // Read before the first subscriber exists, so no role ever sees an empty state
         // that only means "not listed yet" (a router would think no worker is up).
-        let (state, revision) = watcher::list(&conn, &schema).await?;
+        let tuning = options.tuning();
+        let (state, revision) = watcher::list(&conn, &schema, tuning.page_size).await?;
         let tx = Arc::new(watch::Sender::new(Arc::new(state)));
         let cancel = CancellationToken::new();
-        let workers = Arc::new(WorkerLease::new(conn.clone(), options.lease_ttl));
+        let stats = Arc::new(watcher::WatchStats::default());
+        let workers = Arc::new(WorkerLease::new(
+            conn.clone(),
+            options.lease_ttl,
+            options.retry_interval,
+        ));
         tokio::spawn(watcher::run(
             conn.clone(),
             schema.clone(),
             tx.clone(),
             revision,
+            tuning,
+            stats.clone(),
             cancel.clone(),
         ));
         tokio::spawn(workers.clone().keep_alive(cancel.clone()));
@@ -112,6 +150,8 @@ impl EtcdRegistry {
             schema,
             tx,
             workers,
+            tuning,
+            stats,
             cancel,
         })
     }
@@ -129,18 +169,35 @@ impl EtcdRegistry {
         self.conn.endpoints()
     }
 
+    /// The endpoint this registry uses now (it moves to the next one when this one fails
+    /// or loses its leader).
+    pub fn current_endpoint(&self) -> String {
+        self.conn.current_endpoint()
+    }
+
+    /// How many watch streams this registry has opened: 1 until a watch first broke.
+    pub fn watch_streams_opened(&self) -> u64 {
+        self.stats
+            .streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn put(&self, key: String, value: Vec<u8>) -> Result<()> {
-        let mut kv = self.conn.client().kv_client();
         self.conn
-            .call(&format!("put {key}"), kv.put(key.as_bytes(), value, None))
+            .call(&format!("put {key}"), |s| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { s.kv().put(key, value, None).await }
+            })
             .await
             .map(drop)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let mut kv = self.conn.client().kv_client();
         self.conn
-            .call(&format!("delete {key}"), kv.delete(key, None))
+            .call(&format!("delete {key}"), |s| {
+                let key = key.to_string();
+                async move { s.kv().delete(key, None).await }
+            })
             .await
             .map(drop)
     }
@@ -175,13 +232,15 @@ impl Registry for EtcdRegistry {
     async fn remove_model(&self, model: &ModelName) -> Result<()> {
         // One transaction, so watchers see the model lose both keys in one change rather
         // than an intermediate state with aspired versions but nothing available.
-        let txn = Txn::new().and_then([
-            TxnOp::delete(self.schema.model_key(model, ModelKey::Available), None),
-            TxnOp::delete(self.schema.model_key(model, ModelKey::Aspired), None),
-        ]);
-        let mut kv = self.conn.client().kv_client();
+        let keys = [
+            self.schema.model_key(model, ModelKey::Available),
+            self.schema.model_key(model, ModelKey::Aspired),
+        ];
         self.conn
-            .call(&format!("remove model {model}"), kv.txn(txn))
+            .call(&format!("remove model {model}"), |s| {
+                let txn = Txn::new().and_then(keys.clone().map(|k| TxnOp::delete(k, None)));
+                async move { s.kv().txn(txn).await }
+            })
             .await
             .map(drop)
     }
@@ -207,7 +266,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn state(&self) -> Result<ClusterState> {
-        watcher::list(&self.conn, &self.schema)
+        watcher::list(&self.conn, &self.schema, self.tuning.page_size)
             .await
             .map(|(state, _)| state)
     }

@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod conformance;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod etcd_server;
 mod memory;
 pub mod tcp_proxy;

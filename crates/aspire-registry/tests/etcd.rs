@@ -25,6 +25,7 @@ fn ttl(secs: u64) -> EtcdOptions {
     EtcdOptions {
         lease_ttl: Duration::from_secs(secs),
         op_timeout: Duration::from_secs(1),
+        ..EtcdOptions::default()
     }
 }
 

@@ -18,6 +18,9 @@ use aspire_ingress::{DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_INFLIGHT_BYTES}
 /// worker's is (9501 for 8501).
 pub const DEFAULT_METRICS_PORT: u16 = 9500;
 
+/// `--request-timeout-ms` when not given: a minute.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
+
 /// `aspire-router`'s flags.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -69,6 +72,17 @@ pub struct RouterConfig {
         default_value_t = 1000
     )]
     pub worker_probe_interval_ms: u64,
+    /// How long a Predict without a deadline of its own may take through the router,
+    /// in milliseconds, re-picks and retries included; past it the client gets
+    /// DEADLINE_EXCEEDED naming this flag. 0: no limit. A client's own deadline is used as
+    /// it is.
+    #[arg(
+        long = "request-timeout-ms",
+        visible_alias = "request_timeout_ms",
+        env = "ASPIRE_REQUEST_TIMEOUT_MS",
+        default_value_t = DEFAULT_REQUEST_TIMEOUT_MS
+    )]
+    pub request_timeout_ms: u64,
     /// Port for Prometheus metrics on /metrics, on the --host address; 0 turns them off
     /// [default: 9500, best effort: if it is taken, the router logs an error and runs
     /// without; a port given here must be free].
@@ -128,6 +142,11 @@ impl RouterConfig {
         MetricsPort::from_flag(self.metrics_port, DEFAULT_METRICS_PORT)
     }
 
+    /// [`Self::request_timeout_ms`] as a duration; `None` for no limit (0).
+    pub fn request_timeout(&self) -> Option<Duration> {
+        (self.request_timeout_ms > 0).then(|| Duration::from_millis(self.request_timeout_ms))
+    }
+
     /// [`Self::worker_probe_interval_ms`] as a duration.
     pub fn worker_probe_interval(&self) -> Duration {
         Duration::from_millis(self.worker_probe_interval_ms)
@@ -160,6 +179,11 @@ mod tests {
         assert_eq!(c.port, 8500);
         assert_eq!(c.max_message_size_bytes, 10);
         assert_eq!(c.runtime_threads(), 2);
+        assert_eq!(c.request_timeout(), Some(Duration::from_secs(60)));
+        let c = parse(&["--request_timeout_ms=250"]).unwrap();
+        assert_eq!(c.request_timeout(), Some(Duration::from_millis(250)));
+        let c = parse(&["--request-timeout-ms", "0"]).unwrap();
+        assert_eq!(c.request_timeout(), None);
         let c = parse(&[
             "--etcd-endpoints",
             "http://e:1",

@@ -8,8 +8,10 @@
 //! - [`raw_codec`]: the gRPC codec that moves messages as bytes;
 //! - `routing_table`: which versions and workers serve each model, rebuilt on every
 //!   registry change;
-//! - `workers`: channels, in-flight counts, marking workers down, power of two choices;
-//! - `forward`: the Predict path (deadline, retry);
+//! - `workers`: channels, in-flight counts, marking workers down, keeping workers whose
+//!   record vanished while they answer, power of two choices;
+//! - `forward`: the Predict path (deadline, `--request-timeout-ms`, retry, re-picks
+//!   when a worker is unloading the version it was sent);
 //! - `prediction_service`: the raw Predict path and the typed methods under one service;
 //! - `model_info`: GetModelMetadata and GetModelStatus from the registry.
 //!
@@ -119,12 +121,14 @@ pub async fn run_with_metrics(
         Arc::clone(&table),
         ready_tx,
         worker_tls,
+        workers::VANISHED_PROBE_INTERVAL,
     ));
     let router = Arc::new(Router {
         table,
         max_message_bytes: config.max_message_size_bytes,
         probe_after: config.worker_probe_interval(),
         metrics,
+        request_timeout: config.request_timeout(),
         retry_budget: forward::retry_budget(),
     });
 

@@ -2,15 +2,20 @@
 //! workers that have it AVAILABLE. A task rebuilds it from every new [`ClusterState`] and
 //! swaps it in whole, so a request reads it without a lock; which version a request
 //! gets is decided here.
+//!
+//! A worker whose record vanishes stays in the table, with its last record, while it
+//! answers health checks (see [`crate::workers`]): a lease lost to an etcd stall is not a
+//! dead worker. The table is rebuilt without it once a probe finds it gone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use aspire_core::records::VersionState;
 use aspire_core::{ClusterState, ModelName, Version, WorkerRecord};
 use aspire_proto::serving::{ModelSpec, model_spec::VersionChoice};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::ClientTlsConfig;
 
 use crate::error::RouterError;
@@ -117,6 +122,26 @@ impl RoutingTable {
         workers::pick(routes.workers(version), Some(&failed.endpoint)).cloned()
     }
 
+    /// Where a request that named no version goes when `avoid` answered that it is
+    /// unloading the version it was sent and named no default: the default version on
+    /// another live worker, else the highest version another live worker has.
+    pub(crate) fn route_elsewhere(
+        &self,
+        model: &str,
+        avoid: &WorkerHandle,
+    ) -> Result<(Version, Arc<WorkerHandle>), RouterError> {
+        let routes = self.model(model)?;
+        let default = routes.default_version();
+        let others = routes.serving.keys().rev().filter(|v| Some(**v) != default);
+        default
+            .into_iter()
+            .chain(others.copied())
+            .find_map(|v| {
+                workers::pick(routes.workers(v), Some(&avoid.endpoint)).map(|w| (v, Arc::clone(w)))
+            })
+            .ok_or_else(|| self.no_live_worker(routes, None))
+    }
+
     fn no_live_worker(&self, routes: &ModelRoutes, version: Option<Version>) -> RouterError {
         let down: Vec<&str> = match version {
             Some(v) => routes.workers(v).iter().map(|w| w.id.as_str()).collect(),
@@ -158,11 +183,19 @@ pub(crate) fn requested_version(spec: &ModelSpec) -> Result<Option<Version>, Rou
 }
 
 /// Builds tables, carrying over what must outlive one registry revision: a worker whose
-/// record did not change keeps its handle (and so its down mark), and an address keeps
-/// its channel and in-flight counter.
-#[derive(Debug, Default)]
+/// record did not change keeps its handle (and so its down mark), a worker whose record
+/// vanished keeps it while its health probes answer SERVING, and an address keeps its
+/// channel and in-flight counter.
+#[derive(Debug)]
 pub(crate) struct TableBuilder {
+    /// Workers registered now.
     handles: HashMap<String, Arc<WorkerHandle>>,
+    /// Workers whose record vanished, kept (with their last record) while they answer.
+    vanished: HashMap<String, Arc<WorkerHandle>>,
+    /// Where their probes send the ones found gone.
+    dropped: mpsc::UnboundedSender<Arc<WorkerHandle>>,
+    /// How often a vanished worker is probed.
+    vanished_probe_interval: Duration,
     endpoints: HashMap<String, Arc<Endpoint>>,
     /// Records whose address is unusable, so each is logged once.
     refused: HashMap<String, WorkerRecord>,
@@ -171,10 +204,47 @@ pub(crate) struct TableBuilder {
 }
 
 impl TableBuilder {
+    /// A builder whose vanished workers' probes report the ones found gone on the
+    /// returned receiver (hand each to [`Self::forget`], then build again).
+    pub(crate) fn new(
+        tls: Option<ClientTlsConfig>,
+        vanished_probe_interval: Duration,
+    ) -> (Self, mpsc::UnboundedReceiver<Arc<WorkerHandle>>) {
+        let (dropped, dropped_rx) = mpsc::unbounded_channel();
+        let builder = Self {
+            handles: HashMap::new(),
+            vanished: HashMap::new(),
+            dropped,
+            vanished_probe_interval,
+            endpoints: HashMap::new(),
+            refused: HashMap::new(),
+            tls,
+        };
+        (builder, dropped_rx)
+    }
+
+    /// Lets go of `handle`, a vanished worker a probe found gone (unless it has
+    /// re-registered since: then it is no longer kept as vanished).
+    pub(crate) fn forget(&mut self, handle: &Arc<WorkerHandle>) {
+        if self
+            .vanished
+            .get(&handle.id)
+            .is_some_and(|h| Arc::ptr_eq(h, handle))
+        {
+            self.vanished.remove(&handle.id);
+            handle.retire();
+        }
+    }
+
     /// The table for `state`. Call it inside a Tokio runtime (channels start a task).
     pub(crate) fn build(&mut self, state: Arc<ClusterState>) -> RoutingTable {
         let mut handles = HashMap::with_capacity(state.workers.len());
         for (id, record) in &state.workers {
+            // Registered again after its record vanished: a fresh handle, live.
+            if let Some(old) = self.vanished.remove(id) {
+                old.retire();
+                tracing::info!(worker = %id, "worker registered again");
+            }
             let same = self.handles.get(id).filter(|h| h.record == *record);
             let handle = match same {
                 Some(h) => Arc::clone(h),
@@ -192,12 +262,20 @@ impl TableBuilder {
             handles.insert(id.clone(), handle);
         }
         self.refused.retain(|id, _| state.workers.contains_key(id));
-        self.handles = handles;
-        let handles = &self.handles;
+        let previous = std::mem::replace(&mut self.handles, handles);
+        for (id, handle) in previous {
+            if !self.handles.contains_key(&id) {
+                handle.watch_vanished(self.vanished_probe_interval, self.dropped.clone());
+                self.vanished.insert(id, handle);
+            }
+        }
+        let kept = || self.handles.values().chain(self.vanished.values());
+        let in_use: std::collections::HashSet<&str> =
+            kept().map(|h| h.endpoint.address.as_str()).collect();
         self.endpoints
-            .retain(|addr, _| handles.values().any(|h| h.endpoint.address == *addr));
+            .retain(|addr, _| in_use.contains(addr.as_str()));
 
-        let mut workers: Vec<Arc<WorkerHandle>> = self.handles.values().cloned().collect();
+        let mut workers: Vec<Arc<WorkerHandle>> = kept().cloned().collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
         let new_routes = |name: &ModelName| ModelRoutes {
             name: name.clone(),
@@ -239,25 +317,31 @@ impl TableBuilder {
     }
 }
 
-/// Rebuilds the table on every registry change until the registry goes away. `ready`
-/// turns true once the first table is in place.
+/// Rebuilds the table on every registry change and whenever a vanished worker is found
+/// gone. `ready` turns true once the first table is in place. A worker whose record vanished stays
+/// routable while its health probes (every `vanished_probe_interval`) answer SERVING.
 pub(crate) async fn follow_registry(
     mut states: watch::Receiver<Arc<ClusterState>>,
     table: Arc<ArcSwap<RoutingTable>>,
     ready: watch::Sender<bool>,
     tls: Option<ClientTlsConfig>,
+    vanished_probe_interval: Duration,
 ) {
-    let mut builder = TableBuilder {
-        tls,
-        ..TableBuilder::default()
-    };
+    let (mut builder, mut dropped) = TableBuilder::new(tls, vanished_probe_interval);
+    let mut registry_open = true;
     loop {
         let state = Arc::clone(&states.borrow_and_update());
         table.store(Arc::new(builder.build(state)));
         ready.send_replace(true);
-        if states.changed().await.is_err() {
-            tracing::warn!("the registry closed its watch; routing on the last table");
-            return;
+        tokio::select! {
+            changed = states.changed(), if registry_open => {
+                if changed.is_err() {
+                    tracing::warn!("the registry closed its watch; routing on the last table");
+                    registry_open = false;
+                }
+            }
+            // The builder holds a sender, so this never ends.
+            Some(gone) = dropped.recv() => builder.forget(&gone),
         }
     }
 }

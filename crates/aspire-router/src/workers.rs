@@ -7,6 +7,12 @@
 //! routing table then makes a new handle) or when a background health check on it
 //! answers SERVING: that covers a blip on a worker whose record never changes, which
 //! would otherwise stay skipped forever.
+//!
+//! A worker whose record vanished from the registry (its lease ran out while etcd was
+//! frozen or cut off) is not taken for dead: the routing table keeps its handle, with its
+//! last record, and [`WorkerHandle::watch_vanished`] probes its health at once and then
+//! every [`VANISHED_PROBE_INTERVAL`]; the first probe that fails or answers NOT_SERVING
+//! (a draining worker says so before it deregisters) drops it for good.
 
 use std::cell::Cell;
 use std::hash::BuildHasher;
@@ -27,6 +33,8 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Health checks of a down worker back off up to this interval.
 const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a worker whose record vanished is health-checked while it is kept.
+pub(crate) const VANISHED_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// The service whose health a probe asks for, as workers report it.
 const PREDICTION_SERVICE: &str = "tensorflow.serving.PredictionService";
 
@@ -95,6 +103,12 @@ pub(crate) struct WorkerHandle {
     /// Set by the call that marks it down; cleared only by the probe that call started,
     /// so exactly one probe runs per down period.
     down: AtomicBool,
+    /// Its record vanished and a probe found it gone: never live again (a new
+    /// registration gets a new handle).
+    gone: AtomicBool,
+    /// The routing table no longer keeps it as vanished (it re-registered, or was
+    /// dropped): its vanished-worker probe stops.
+    retired: AtomicBool,
 }
 
 impl WorkerHandle {
@@ -104,12 +118,39 @@ impl WorkerHandle {
             record,
             endpoint,
             down: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         }
     }
 
-    /// Not marked down.
+    /// Not marked down, nor found gone after its record vanished.
     pub(crate) fn is_live(&self) -> bool {
-        !self.down.load(Ordering::Acquire)
+        !self.down.load(Ordering::Acquire) && !self.gone.load(Ordering::Acquire)
+    }
+
+    /// Its record vanished from the registry: probes its health at once and then every
+    /// `interval`, until a probe fails or answers NOT_SERVING (it is then gone, and sent
+    /// on `dropped` so the routing table lets it go) or it is [`Self::retire`]d.
+    pub(crate) fn watch_vanished(
+        self: &Arc<Self>,
+        interval: Duration,
+        dropped: tokio::sync::mpsc::UnboundedSender<Arc<WorkerHandle>>,
+    ) {
+        tracing::warn!(
+            worker = %self.id, address = %self.endpoint.address,
+            "worker's registration vanished; routing to it while it answers health checks"
+        );
+        tokio::spawn(probe_while_vanished(
+            Arc::downgrade(self),
+            self.endpoint.channel.clone(),
+            interval,
+            dropped,
+        ));
+    }
+
+    /// Stops the probe [`Self::watch_vanished`] started.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
     }
 
     /// Skips this worker from now on, and starts probing its health (first after
@@ -130,6 +171,44 @@ impl WorkerHandle {
     }
 }
 
+/// Whether the worker behind `channel` answers SERVING within [`CONNECT_TIMEOUT`].
+async fn is_serving(channel: &Channel) -> bool {
+    let mut client = HealthClient::new(channel.clone());
+    let request = HealthCheckRequest {
+        service: PREDICTION_SERVICE.to_string(),
+    };
+    let check = tokio::time::timeout(CONNECT_TIMEOUT, client.check(request)).await;
+    matches!(check, Ok(Ok(ref r)) if r.get_ref().status == ServingStatus::Serving as i32)
+}
+
+async fn probe_while_vanished(
+    worker: Weak<WorkerHandle>,
+    channel: Channel,
+    interval: Duration,
+    dropped: tokio::sync::mpsc::UnboundedSender<Arc<WorkerHandle>>,
+) {
+    loop {
+        let serving = is_serving(&channel).await;
+        let Some(handle) = worker.upgrade() else {
+            return;
+        };
+        if handle.retired.load(Ordering::Acquire) {
+            return;
+        }
+        if !serving {
+            tracing::warn!(
+                worker = %handle.id, address = %handle.endpoint.address,
+                "dropping worker: its registration vanished and it no longer answers SERVING"
+            );
+            handle.gone.store(true, Ordering::Release);
+            let _ = dropped.send(handle);
+            return;
+        }
+        drop(handle);
+        tokio::time::sleep(interval).await;
+    }
+}
+
 async fn probe_until_back(worker: Weak<WorkerHandle>, channel: Channel, mut wait: Duration) {
     loop {
         tokio::time::sleep(wait).await;
@@ -137,12 +216,7 @@ async fn probe_until_back(worker: Weak<WorkerHandle>, channel: Channel, mut wait
         let Some(handle) = worker.upgrade() else {
             return;
         };
-        let mut client = HealthClient::new(channel.clone());
-        let request = HealthCheckRequest {
-            service: PREDICTION_SERVICE.to_string(),
-        };
-        let check = tokio::time::timeout(CONNECT_TIMEOUT, client.check(request)).await;
-        if matches!(check, Ok(Ok(ref r)) if r.get_ref().status == ServingStatus::Serving as i32) {
+        if is_serving(&channel).await {
             tracing::info!(worker = %handle.id, address = %handle.endpoint.address, "worker answers health checks again");
             handle.down.store(false, Ordering::Release);
             return;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use aspire_registry::Registry;
 use aspire_telemetry::metrics::{MetricsPort, MetricsServer, WorkerMetrics};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::batcher::BatchPool;
 use crate::config::{BatchingArgs, RuntimeArgs, ServingArgs, StorageArgs, warmup_batch_sizes};
@@ -163,9 +164,17 @@ pub async fn run_worker_with_metrics(
         },
     );
     let draining = manager.clone();
+    let (drain_started, drain_rx) = watch::channel(false);
+    let serving = serving_until_drain(manager.ready(), drain_rx);
     let drain = async move {
         shutdown.await;
-        tracing::info!("draining: deregistering, then finishing requests in flight");
+        tracing::info!(
+            "draining: reporting NOT_SERVING, deregistering, then finishing requests in flight"
+        );
+        // First: a router that notices the record gone probes health and drops this
+        // worker on NOT_SERVING, instead of keeping it as a worker whose record
+        // vanished while it still answers (a lease lost to an etcd stall).
+        drain_started.send_replace(true);
         draining.deregister().await;
         // Routers learn of the deregistration through their etcd watch within
         // milliseconds; until then they may still send. Keep serving a moment so those
@@ -174,7 +183,7 @@ pub async fn run_worker_with_metrics(
     };
     let served = serve(
         api,
-        manager.ready(),
+        serving,
         listener,
         ServerLimits {
             max_message_bytes: settings.serving.max_message_size_bytes,
@@ -191,6 +200,30 @@ pub async fn run_worker_with_metrics(
     served?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// What the health service reports: `ready`, until the drain starts; NOT_SERVING from
+/// then on, whatever `ready` does.
+fn serving_until_drain(
+    mut ready: watch::Receiver<bool>,
+    mut draining: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*ready.borrow_and_update() && !*draining.borrow_and_update());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = ready.changed() => if changed.is_err() { break },
+                changed = draining.changed() => if changed.is_err() { break },
+                () = tx.closed() => break,
+            }
+            let serving = *ready.borrow_and_update() && !*draining.borrow_and_update();
+            tx.send_if_modified(|s| std::mem::replace(s, serving) != serving);
+            if *draining.borrow() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// `aspire-worker`'s flags.
@@ -297,4 +330,31 @@ fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn health_follows_readiness_until_the_drain_then_stays_not_serving() {
+        let (ready, ready_rx) = watch::channel(false);
+        let (drain, drain_rx) = watch::channel(false);
+        let mut serving = serving_until_drain(ready_rx, drain_rx);
+        assert!(!*serving.borrow_and_update());
+        ready.send_replace(true);
+        serving.changed().await.unwrap();
+        assert!(*serving.borrow_and_update());
+        drain.send_replace(true);
+        serving.changed().await.unwrap();
+        assert!(!*serving.borrow_and_update());
+        // Readiness coming and going during the drain changes nothing.
+        ready.send_replace(false);
+        ready.send_replace(true);
+        assert!(
+            serving.changed().await.is_err(),
+            "the sender ends with the drain"
+        );
+        assert!(!*serving.borrow());
+    }
 }

@@ -62,6 +62,7 @@ impl ServingApi {
         req: PredictRequest,
         deadline: Option<Instant>,
         budget: Option<&RequestBudget>,
+        forwarded: bool,
         served_by: &mut Option<Arc<LoadedVersion>>,
     ) -> Result<PredictResponse, WorkerError> {
         let spec = req
@@ -70,7 +71,7 @@ impl ServingApi {
         let lv = {
             let table = self.manager.table();
             let (name, entry) = table.model(&spec.name)?;
-            entry.pick(name, requested_version(&spec)?)?
+            entry.pick_for(name, requested_version(&spec)?, forwarded)?
         };
         *served_by = Some(Arc::clone(&lv));
         let (sig_name, sig) = lv.signature(&spec.signature_name)?;
@@ -431,11 +432,13 @@ impl PredictionService for ServingApi {
         let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
         // Held until the answer is built: the request's bytes stay charged meanwhile.
         let budget = req.extensions().get::<RequestBudget>().cloned();
+        let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
         let resp = self
             .do_predict(
                 req.into_inner(),
                 deadline,
                 budget.as_ref(),
+                forwarded,
                 &mut record.served_by,
             )
             .await

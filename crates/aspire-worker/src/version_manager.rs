@@ -190,6 +190,32 @@ impl ModelEntry {
         model: &ModelName,
         requested: Option<Version>,
     ) -> Result<Arc<LoadedVersion>, WorkerError> {
+        self.pick_for(model, requested, false)
+    }
+
+    /// [`Self::pick`] for a request a router `forwarded` (it carried
+    /// [`crate::error::FORWARDED_HEADER`]). A router forwards a version only to a worker
+    /// whose record it last saw with that version AVAILABLE, so a forwarded request for a
+    /// version not served here (unloading past its grace, unloaded, or unloaded and now
+    /// loading again) means the router's view lags: the answer is then
+    /// [`WorkerError::VersionUnloading`], and the router picks again. A client calling
+    /// the worker directly still gets NOT_FOUND, as from TensorFlow Serving.
+    pub fn pick_for(
+        &self,
+        model: &ModelName,
+        requested: Option<Version>,
+        forwarded: bool,
+    ) -> Result<Arc<LoadedVersion>, WorkerError> {
+        if let Some(v) = requested.filter(|_| forwarded)
+            && !self.loaded.contains_key(&v)
+            && !self.draining.contains_key(&v)
+        {
+            return Err(WorkerError::VersionUnloading {
+                model: model.clone(),
+                version: v,
+                default_version: self.default_version(),
+            });
+        }
         let not_found = |what: String| WorkerError::VersionNotFound {
             model: model.clone(),
             what,
@@ -214,6 +240,10 @@ impl ModelEntry {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "version_manager_pick_tests.rs"]
+mod pick_tests;
 
 /// The immutable snapshot request handlers read.
 #[derive(Default, Clone)]

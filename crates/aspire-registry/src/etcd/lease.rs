@@ -1,7 +1,10 @@
 //! Worker records and the lease they live under. The lease is granted on the first
 //! registration and kept alive every third of its TTL; when etcd says it is gone (expired
 //! during an outage, revoked, or etcd lost its data) a new one is granted and every
-//! remembered record is put again, so a worker re-registers by itself.
+//! remembered record is put again, so a worker re-registers by itself. While keep-alives
+//! or re-registrations fail, they are retried every `retry` (500 ms by default) rather
+//! than every third of the TTL, so a worker is back within about that long of etcd
+//! answering again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use crate::Result;
 pub(crate) struct WorkerLease {
     conn: Conn,
     ttl: Duration,
+    retry: Duration,
     // A tokio mutex, held across etcd calls: a registration and a lease renewal must
     // not interleave, or a record could be put under a lease that is being replaced.
     state: Mutex<LeaseState>,
@@ -36,10 +40,11 @@ struct LeaseState {
 }
 
 impl WorkerLease {
-    pub(crate) fn new(conn: Conn, ttl: Duration) -> Self {
+    pub(crate) fn new(conn: Conn, ttl: Duration, retry: Duration) -> Self {
         Self {
             conn,
             ttl,
+            retry: retry.max(Duration::from_millis(10)),
             state: Mutex::new(LeaseState::default()),
         }
     }
@@ -72,9 +77,11 @@ impl WorkerLease {
     pub(crate) async fn remove(&self, key: &str) -> Result<()> {
         let mut st = self.state.lock().await;
         st.records.remove(key);
-        let mut kv = self.conn.client().kv_client();
         self.conn
-            .call(&format!("delete {key}"), kv.delete(key, None))
+            .call(&format!("delete {key}"), |s| {
+                let key = key.to_string();
+                async move { s.kv().delete(key, None).await }
+            })
             .await
             .map(drop)
     }
@@ -87,10 +94,11 @@ impl WorkerLease {
         let Some(lease) = st.lease.take() else {
             return Ok(());
         };
-        let mut leases = self.conn.client().lease_client();
         match self
             .conn
-            .call_raw(&format!("revoke lease {lease:x}"), leases.revoke(lease))
+            .call_raw(&format!("revoke lease {lease:x}"), |s| async move {
+                s.client.lease_client().revoke(lease).await
+            })
             .await
         {
             // Already gone: its records went with it.
@@ -103,10 +111,21 @@ impl WorkerLease {
     /// when it was lost, and retries records whose put failed.
     pub(crate) async fn keep_alive(self: Arc<Self>, cancel: CancellationToken) {
         let interval = (self.ttl / 3).max(Duration::from_millis(100));
+        // After a failure the next attempt comes sooner: the lease may be expiring.
+        let mut failing = false;
         loop {
+            let stale = {
+                let st = self.state.lock().await;
+                st.stale || (st.lease.is_none() && !st.records.is_empty())
+            };
+            let pause = if failing || stale {
+                self.retry.min(interval)
+            } else {
+                interval
+            };
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(pause) => {}
             }
             let lease = {
                 let st = self.state.lock().await;
@@ -128,11 +147,13 @@ impl WorkerLease {
                         // etcd away: the lease outlives a short outage (and a restart
                         // renews it), so keep it until etcd says it is gone.
                         tracing::debug!("keep-alive of worker lease {lease:x} failed: {e}");
+                        failing = true;
                         continue;
                     }
                 },
                 None => false,
             };
+            failing = false;
             let mut st = self.state.lock().await;
             if st.closed || st.lease != lease {
                 // Closed, or a registration replaced the lease meanwhile.
@@ -145,7 +166,10 @@ impl WorkerLease {
             if needs_put {
                 match self.restore(&mut st).await {
                     Ok(()) => tracing::info!(workers = st.records.len(), "workers re-registered"),
-                    Err(e) => tracing::warn!("re-registering workers failed, will retry: {e}"),
+                    Err(e) => {
+                        tracing::warn!("re-registering workers failed, will retry: {e}");
+                        failing = true;
+                    }
                 }
             }
         }
@@ -154,12 +178,10 @@ impl WorkerLease {
     /// One keep-alive round trip. etcd-client's `keep_alive` opens a stream and waits for
     /// the first answer; a stream per tick needs no repair when etcd restarts.
     async fn renew(&self, lease: i64) -> Result<(), CallError> {
-        let mut leases = self.conn.client().lease_client();
         self.conn
-            .call_raw(
-                &format!("keep-alive of lease {lease:x}"),
-                leases.keep_alive(lease),
-            )
+            .call_raw(&format!("keep-alive of lease {lease:x}"), |s| async move {
+                s.client.lease_client().keep_alive(lease).await
+            })
             .await
             .map(drop)
     }
@@ -169,13 +191,14 @@ impl WorkerLease {
         let lease = match st.lease {
             Some(lease) => lease,
             None => {
-                let mut leases = self.conn.client().lease_client();
                 // etcd counts whole seconds: round up, never down to an instant expiry.
                 let secs = self.ttl.as_secs() + u64::from(self.ttl.subsec_nanos() > 0);
                 let ttl = i64::try_from(secs.max(1)).unwrap_or(i64::MAX);
                 let granted = self
                     .conn
-                    .call("grant a worker lease", leases.grant(ttl, None))
+                    .call("grant a worker lease", |s| async move {
+                        s.client.lease_client().grant(ttl, None).await
+                    })
                     .await?;
                 st.lease = Some(granted.id());
                 granted.id()
@@ -195,10 +218,14 @@ impl WorkerLease {
     }
 
     async fn put_one(&self, key: &str, value: &[u8], lease: i64) -> Result<(), CallError> {
-        let mut kv = self.conn.client().kv_client();
-        let options = PutOptions::new().with_lease(lease);
         self.conn
-            .call_raw(&format!("put {key}"), kv.put(key, value, Some(options)))
+            .call_raw(&format!("put {key}"), |s| {
+                let (key, value) = (key.to_string(), value.to_vec());
+                async move {
+                    let options = PutOptions::new().with_lease(lease);
+                    s.kv().put(key, value, Some(options)).await
+                }
+            })
             .await
             .map(drop)
     }

@@ -77,24 +77,65 @@ async fn a_dead_worker_costs_no_request_and_stays_skipped_until_it_re_registers(
 }
 
 #[tokio::test]
-async fn a_removed_worker_is_gone() {
+async fn a_removed_worker_is_kept_while_it_answers_and_dropped_when_it_reports_not_serving() {
     let cluster = Cluster::start().await;
     let a = FakeWorker::start("a").await;
     cluster.model("m", &[1], &[1]).await;
     cluster.register(&a, &[(1, Available)]).await;
     let mut client = cluster.client();
     eventually_default_version(&mut client, "m", 1).await;
+    // Its record vanishes (a lease lost to an etcd stall) but it still answers SERVING:
+    // it keeps getting traffic, by its last record.
     cluster.registry.remove_worker("a").await.unwrap();
     cluster.sync().await;
-    let calls = a.state.calls();
-    let err = predict(&mut client, "m", None).await.unwrap_err();
+    for i in 0..20 {
+        let answer = predict(&mut client, "m", None).await;
+        assert_eq!(answer.unwrap(), ("a".into(), 1), "request {i}");
+    }
+    // It starts draining: NOT_SERVING. The next probe (within about a second) drops it.
+    a.set_health(ServingStatus::NotServing).await;
+    let err = eventually("the drained worker is dropped", || {
+        let mut client = client.clone();
+        async move {
+            match predict(&mut client, "m", None).await {
+                Err(e) => Ok(e),
+                Ok(answer) => Err(format!("still routed: {answer:?}")),
+            }
+        }
+    })
+    .await;
     assert_eq!(err.code(), Code::Unavailable);
     assert!(
         err.message()
             .contains("no worker has model 'm' AVAILABLE yet"),
         "{err:?}"
     );
-    assert_eq!(a.state.calls(), calls);
+    let calls = a.state.calls();
+    assert!(predict(&mut client, "m", None).await.is_err());
+    assert_eq!(a.state.calls(), calls, "a dropped worker got traffic");
+    // Its health coming back does not bring back a dropped worker; registering does.
+    a.set_health(ServingStatus::Serving).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    eventually_default_version(&mut client, "m", 1).await;
+}
+
+#[tokio::test]
+async fn a_removed_worker_that_stopped_is_dropped_at_once() {
+    let cluster = Cluster::start().await;
+    let (mut a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
+    cluster.model("m", &[1], &[1]).await;
+    cluster.register(&a, &[(1, Available)]).await;
+    cluster.register(&b, &[(1, Available)]).await;
+    let mut client = cluster.client();
+    eventually_default_version(&mut client, "m", 1).await;
+    a.stop().await;
+    cluster.registry.remove_worker("a").await.unwrap();
+    cluster.sync().await;
+    // Whether a request lands on "a" before its probe fails or not, none fails.
+    for i in 0..30 {
+        let answer = predict(&mut client, "m", None).await;
+        assert_eq!(answer.unwrap(), ("b".into(), 1), "request {i}");
+    }
 }
 
 #[tokio::test]

@@ -39,6 +39,10 @@ pub enum Mode {
     Hang,
     /// With this status code, as a worker would for a bad request or while draining.
     Fail(Code),
+    /// A request for `version` gets a worker's "version unloading" answer (UNAVAILABLE
+    /// with `x-aspire-unloading`, and `x-aspire-default-version` when `default` is
+    /// given); others are answered at once.
+    Unloading { version: i64, default: Option<i64> },
 }
 
 /// One Predict the fake received.
@@ -220,6 +224,7 @@ impl UnaryService<Bytes> for FakePredict {
                         format!("worker {} fails on purpose", state.id),
                     ));
                 }
+                Mode::Unloading { .. } => {}
             }
             let request = PredictRequest::decode(body)
                 .map_err(|e| Status::invalid_argument(format!("fake worker: {e}")))?;
@@ -228,6 +233,23 @@ impl UnaryService<Bytes> for FakePredict {
                 Some(VersionChoice::Version(v)) => v,
                 _ => 0,
             };
+            if let Mode::Unloading {
+                version: unloading,
+                default,
+            } = mode
+                && version == unloading
+            {
+                let mut trailers = tonic::metadata::MetadataMap::new();
+                trailers.insert("x-aspire-unloading", version.into());
+                if let Some(d) = default {
+                    trailers.insert("x-aspire-default-version", d.into());
+                }
+                return Err(Status::with_metadata(
+                    Code::Unavailable,
+                    format!("worker {} is unloading version {version}", state.id),
+                    trailers,
+                ));
+            }
             let outputs = HashMap::from([
                 (
                     "worker".to_string(),

@@ -5,6 +5,7 @@ mod common;
 mod failover;
 mod fake_worker;
 mod forwarding;
+mod lag;
 mod metrics;
 mod model_info;
 mod routing;

@@ -5,6 +5,7 @@
 //! | `aspire_router_requests_total` | counter | model, version, code | Predict calls by the version the router chose and the gRPC code the client got |
 //! | `aspire_router_request_duration_seconds` | histogram | model, version | a Predict call through the router, retry included |
 //! | `aspire_router_retries_total` | counter | | calls retried on another worker after the first went away |
+//! | `aspire_router_repicks_total` | counter | | calls sent again because the worker was unloading the version it was sent (the router's view lagged) |
 //! | `aspire_router_workers_marked_down_total` | counter | | times a worker was marked down after a failed call |
 //! | `aspire_router_live_workers` | gauge | | registered workers not marked down (read at scrape time) |
 //!
@@ -35,6 +36,7 @@ struct Inner {
     requests: IntCounterVec,
     request_duration: HistogramVec,
     retries: IntCounter,
+    repicks: IntCounter,
     marked_down: IntCounter,
     unresolved: Arc<RequestMetrics>,
     /// Handles by route, added on a route's first request and then only read.
@@ -68,6 +70,11 @@ impl RouterMetrics {
             "Predict calls retried on another worker because the first one went away.",
         )
         .expect("valid counter");
+        let repicks = IntCounter::new(
+            "aspire_router_repicks_total",
+            "Predict calls sent again because the worker answered that it was unloading the version it was sent (the router's view of the registry lagged).",
+        )
+        .expect("valid counter");
         let marked_down = IntCounter::new(
             "aspire_router_workers_marked_down_total",
             "Times a worker was marked down after a call on it failed.",
@@ -83,6 +90,7 @@ impl RouterMetrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
             Box::new(retries.clone()),
+            Box::new(repicks.clone()),
             Box::new(marked_down.clone()),
             Box::new(live),
         ] {
@@ -94,6 +102,7 @@ impl RouterMetrics {
             requests,
             request_duration,
             retries,
+            repicks,
             marked_down,
             unresolved,
             routes: ArcSwap::default(),
@@ -149,6 +158,12 @@ impl RouterMetrics {
         self.0.retries.inc();
     }
 
+    /// Counts a call sent again after a worker answered that it was unloading the
+    /// version (to the default version there, or to another worker).
+    pub fn repicked(&self) {
+        self.0.repicks.inc();
+    }
+
     /// Counts a worker marked down.
     pub fn worker_marked_down(&self) {
         self.0.marked_down.inc();
@@ -192,6 +207,8 @@ mod tests {
         m.route("m", 2).record(0, Duration::from_millis(1));
         m.unresolved().record(5, Duration::from_millis(1));
         m.retried();
+        m.repicked();
+        m.repicked();
         m.worker_marked_down();
         live.store(1, Ordering::Relaxed);
 
@@ -223,6 +240,7 @@ mod tests {
             Some(2.0)
         );
         assert_eq!(get("aspire_router_retries_total", &[]), Some(1.0));
+        assert_eq!(get("aspire_router_repicks_total", &[]), Some(2.0));
         assert_eq!(
             get("aspire_router_workers_marked_down_total", &[]),
             Some(1.0)

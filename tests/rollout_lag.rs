@@ -1,0 +1,257 @@
+//! Rollouts through control-plane lag, with real processes (etcd, discovery, two workers,
+//! the router; real TorchScript in LibTorch; real gRPC on loopback), steady clients
+//! through every step, and zero failed requests:
+//!
+//! - the router's link to etcd is delayed by 4 s (a [`TcpProxy`]), longer than the
+//!   workers' unload grace (2 s), through a v1→v2 rollout, a pin rollback and an unpin:
+//!   workers unload versions the router still routes to, answer "version unloading",
+//!   and the router picks again;
+//! - etcd is frozen (SIGSTOP) for longer than the workers' lease TTL under load, then
+//!   thawed: the router routes on its last table meanwhile, keeps workers whose records
+//!   vanish while they answer, and the workers register again;
+//! - every worker lease is revoked with etcdctl under load: the records vanish at once,
+//!   the workers keep serving and register again.
+
+use std::time::{Duration, Instant};
+
+use aspire_registry::TcpProxy;
+use aspire_tests::stack::{LIMIT, Stack, StackOptions};
+use aspire_tests::{Process, eventually, free_port};
+
+/// The value of the label-less counter `name` at `http://addr/metrics`.
+fn counter(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the router's metrics"))
+}
+
+/// Replaces the stack's router with one whose etcd is `etcd` and whose metrics are
+/// served on the returned address; waits until it serves version 1 again.
+async fn restart_router(stack: &mut Stack, etcd: &str) -> String {
+    assert_eq!(
+        stack.router.terminate(),
+        Some(0),
+        "the first router exits cleanly"
+    );
+    let port = stack
+        .router_addr
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_string();
+    let metrics_port = free_port();
+    stack.router = Process::start(
+        "aspire-router",
+        &[
+            format!("--etcd-endpoints={etcd}"),
+            format!("--prefix={}", stack.options.prefix),
+            "--host=127.0.0.1".into(),
+            format!("--port={port}"),
+            format!("--metrics-port={metrics_port}"),
+        ],
+    );
+    stack.router.wait_listening(&stack.router_addr);
+    stack.wait_default(1, Instant::now()).await;
+    format!("127.0.0.1:{metrics_port}")
+}
+
+/// The etcd client address of `stack`, for a proxy.
+fn etcd_addr(stack: &Stack) -> std::net::SocketAddr {
+    stack
+        .etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_seen_4_s_late_by_the_router_loses_no_request() {
+    let mut stack = Stack::start_with(StackOptions {
+        prefix: "/lag".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    let proxy = TcpProxy::start(etcd_addr(&stack)).expect("proxy");
+    let metrics = restart_router(&mut stack, &proxy.url()).await;
+    let steady = stack.steady_clients(3).await;
+    let lag = Duration::from_secs(4);
+    proxy.delay(lag);
+
+    // v1 -> v2: the workers unload v1 (2 s grace) while the router still routes to it.
+    let t = Instant::now();
+    stack.add_version(2);
+    let to_v2 = stack.wait_default(2, t).await;
+    assert!(
+        to_v2 >= lag,
+        "the router saw v2 after {to_v2:?}, before the lag"
+    );
+    println!("copy v2 -> v2 served by default through a {lag:?} lag: {to_v2:?}");
+
+    // Roll back to v1 by pin, then unpin: each time the workers drop the version the
+    // router still routes to.
+    let t = Instant::now();
+    stack.pin(Some("1"));
+    let to_v1 = stack.wait_default(1, t).await;
+    println!("pin 1 -> v1 served by default: {to_v1:?}");
+    // Both workers have unloaded v2 before the unpin, so it is a fresh rollout.
+    eventually(LIMIT, "v2 unloaded on both workers", || {
+        let status = stack.status();
+        async move { (!status.contains("mnist v2: AVAILABLE")).then_some(()) }
+    })
+    .await;
+    let t = Instant::now();
+    stack.pin(None);
+    let to_v2 = stack.wait_default(2, t).await;
+    println!("unpin -> v2 served by default: {to_v2:?}");
+    // Some answers came after the last step.
+    let last = Instant::now();
+    eventually(LIMIT, "steady answers after the unpin", || {
+        let n = steady.answers_after(last);
+        async move { (n >= 20).then_some(()) }
+    })
+    .await;
+
+    let s = steady.stop().await;
+    let repicks = counter(&metrics, "aspire_router_repicks_total");
+    let marked_down = counter(&metrics, "aspire_router_workers_marked_down_total");
+    println!(
+        "steady clients: {} requests, {} failed; {repicks} re-picks, {marked_down} workers marked down",
+        s.ok + s.failures.len(),
+        s.failures.len()
+    );
+    assert!(s.failures.is_empty(), "failed requests: {:?}", s.failures);
+    assert!(
+        repicks > 0.0,
+        "no request met an unloaded version: the lag was not exercised"
+    );
+    assert_eq!(
+        marked_down, 0.0,
+        "a worker unloading a version was marked down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_frozen_past_the_lease_ttl_loses_no_request_and_workers_register_again() {
+    let stack = Stack::start_with(StackOptions {
+        prefix: "/freeze".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    stack.wait_on_workers(1, 2).await;
+    let steady = stack.steady_clients(3).await;
+    let ttl = Duration::from_secs(stack.options.lease_ttl_secs);
+    let frozen_at = Instant::now();
+    stack.etcd.freeze().expect("freeze etcd");
+    // Held frozen for twice the lease TTL while the clients keep asking.
+    eventually(LIMIT, "answers while etcd is frozen", || {
+        let n = steady.answers_after(frozen_at);
+        let long_enough = frozen_at.elapsed() > ttl * 2;
+        async move { (long_enough && n >= 20).then_some(()) }
+    })
+    .await;
+    stack.etcd.thaw().expect("thaw etcd");
+    let thawed_at = Instant::now();
+    println!("etcd frozen for {:?}", thawed_at - frozen_at);
+    eventually(LIMIT, "steady answers after the thaw", || {
+        let n = steady.answers_after(thawed_at);
+        async move { (n >= 20).then_some(()) }
+    })
+    .await;
+    // Whether etcd expired the leases on the thaw or the workers' keep-alives came
+    // first, both workers are listed, and the router has a registration for each
+    // record that vanished.
+    stack.wait_on_workers(1, 2).await;
+    let vanished = stack.router.log().matches("registration vanished").count();
+    eventually(
+        LIMIT,
+        "the router sees the vanished workers register again",
+        || {
+            let again = stack
+                .router
+                .log()
+                .matches("worker registered again")
+                .count();
+            async move { (again >= vanished).then_some(()) }
+        },
+    )
+    .await;
+    println!(
+        "workers listed again {:?} after the thaw",
+        thawed_at.elapsed()
+    );
+    let s = steady.stop().await;
+    println!(
+        "steady clients: {} requests, {} failed; the router saw {vanished} worker records vanish",
+        s.ok + s.failures.len(),
+        s.failures.len()
+    );
+    assert!(s.failures.is_empty(), "failed requests: {:?}", s.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_worker_leases_lose_no_request_and_workers_register_again() {
+    let stack = Stack::start_with(StackOptions {
+        prefix: "/revoke".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    stack.wait_on_workers(1, 2).await;
+    let steady = stack.steady_clients(3).await;
+    let revoked_at = Instant::now();
+    let leases = stack.etcdctl(&["lease", "list"]);
+    // "found N leases", then one hexadecimal id a line.
+    let ids: Vec<&str> = leases
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    assert!(!ids.is_empty(), "no lease to revoke: {leases}");
+    for id in &ids {
+        stack.etcdctl(&["lease", "revoke", id]);
+    }
+    // The router saw the records vanish and kept both workers (they still answer).
+    eventually(LIMIT, "the router noticed the vanished records", || {
+        let n = stack.router.log().matches("registration vanished").count();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    stack.wait_on_workers(1, 2).await;
+    eventually(LIMIT, "the router sees both workers register again", || {
+        let again = stack
+            .router
+            .log()
+            .matches("worker registered again")
+            .count();
+        async move { (again >= 2).then_some(()) }
+    })
+    .await;
+    println!(
+        "workers listed again {:?} after the revoke",
+        revoked_at.elapsed()
+    );
+    let after = Instant::now();
+    eventually(LIMIT, "steady answers after the re-registration", || {
+        let n = steady.answers_after(after);
+        async move { (n >= 20).then_some(()) }
+    })
+    .await;
+    let s = steady.stop().await;
+    println!(
+        "steady clients: {} requests, {} failed",
+        s.ok + s.failures.len(),
+        s.failures.len()
+    );
+    assert!(s.failures.is_empty(), "failed requests: {:?}", s.failures);
+    assert!(
+        !stack.router.log().contains("dropping worker"),
+        "a worker that kept answering was dropped:\n{}",
+        stack.router.log()
+    );
+}
