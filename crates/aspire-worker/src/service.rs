@@ -429,7 +429,6 @@ impl PredictionService for ServingApi {
             code: tonic::Code::Cancelled as i32,
         };
         let deadline = request_deadline(&req);
-        let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
         // Held until the answer is built: the request's bytes stay charged meanwhile.
         let budget = req.extensions().get::<RequestBudget>().cloned();
         let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
