@@ -255,3 +255,108 @@ async fn revoked_worker_leases_lose_no_request_and_workers_register_again() {
         stack.router.log()
     );
 }
+
+/// The state numbers of `mnist`'s versions as the server at `addr` reports them itself
+/// (GetModelStatus straight to a worker: no etcd involved).
+async fn version_states(addr: &str) -> Option<Vec<(i64, i32)>> {
+    use aspire_proto::serving::GetModelStatusRequest;
+    use aspire_proto::serving::model_service_client::ModelServiceClient;
+    let mut client = ModelServiceClient::new(aspire_tests::channel(addr).await);
+    let resp = client
+        .get_model_status(GetModelStatusRequest {
+            model_spec: Some(aspire_tests::spec("mnist", None)),
+        })
+        .await
+        .ok()?;
+    Some(
+        resp.into_inner()
+            .model_version_status
+            .iter()
+            .map(|s| (s.version, s.state))
+            .collect(),
+    )
+}
+
+/// etcd frozen for 5 s while the workers swap to a version they already know: the swap
+/// (load v2, unload v1) completes during the freeze, since the workers' registry writes
+/// are off their loading path, and requests are served throughout (the router, frozen
+/// on its last view, routes to v1; the workers answer "unloading" and the router sends
+/// them again to v2).
+///
+/// The workers learn of v2 before the freeze but cannot load it yet: its model file is
+/// corrupt at first, so the load fails and is retried (1 s later). etcd is frozen, then
+/// the good file is put in place; the retry loads it while etcd is frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_completes_while_etcd_is_frozen() {
+    const AVAILABLE: i32 = 30;
+    let stack = Stack::start_with(StackOptions {
+        prefix: "/frozen-swap".into(),
+        ..StackOptions::default()
+    })
+    .await;
+    stack.wait_on_workers(1, 2).await;
+    let steady = stack.steady_clients(3).await;
+
+    // v2 arrives with a corrupt model file of the right size.
+    let good = std::fs::read(stack.exported(2).join("model.pt")).expect("read model.pt");
+    let staging = stack.tmp.path().join("staging");
+    aspire_tests::copy_dir(&stack.exported(2), &staging.join("2"));
+    std::fs::write(staging.join("2/model.pt"), vec![0x5a; good.len()]).expect("corrupt");
+    std::fs::rename(staging.join("2"), stack.monitored().join("2")).expect("rename v2 in");
+    eventually(LIMIT, "both workers fail to load the corrupt v2", || {
+        let status = stack.status();
+        async move { (status.matches("mnist v2: END").count() == 2).then_some(()) }
+    })
+    .await;
+
+    let frozen_at = Instant::now();
+    stack.etcd.freeze().expect("freeze etcd");
+    std::fs::write(stack.monitored().join("2/model.pt"), &good).expect("repair model.pt");
+    // Within the freeze, each worker says (itself, over gRPC) that v2 is AVAILABLE and
+    // v1 no longer is.
+    let freeze = Duration::from_secs(5);
+    for addr in &stack.worker_addrs {
+        let swapped = eventually(
+            freeze,
+            &format!("the swap on {addr} during the freeze"),
+            || {
+                let addr = addr.clone();
+                async move {
+                    let states = version_states(&addr).await?;
+                    let has = |v: i64| states.iter().any(|(n, s)| *n == v && *s == AVAILABLE);
+                    (has(2) && !has(1)).then(|| frozen_at.elapsed())
+                }
+            },
+        )
+        .await;
+        println!("{addr} swapped {swapped:?} into the freeze");
+    }
+    // Hold the freeze for its full length under load.
+    eventually(LIMIT, "the rest of the freeze", || {
+        let n = steady.answers_after(frozen_at);
+        let done = frozen_at.elapsed() >= freeze;
+        async move { (done && n >= 20).then_some(()) }
+    })
+    .await;
+    stack.etcd.thaw().expect("thaw etcd");
+    let thawed_at = Instant::now();
+    let answered_in_freeze = steady.answers_after(frozen_at) - steady.answers_after(thawed_at);
+    stack.wait_default(2, thawed_at).await;
+    stack.wait_on_workers(2, 2).await;
+    let s = steady.stop().await;
+    println!(
+        "steady clients: {} requests, {} failed, {answered_in_freeze} answered during the freeze",
+        s.ok + s.failures.len(),
+        s.failures.len()
+    );
+    assert!(s.failures.is_empty(), "failed requests: {:?}", s.failures);
+    let v2_in_freeze = s
+        .answers
+        .iter()
+        .filter(|(at, v)| *at > frozen_at && *at < thawed_at && *v == 2)
+        .count();
+    assert!(
+        v2_in_freeze > 0,
+        "the router never reached v2 while etcd was frozen"
+    );
+}
