@@ -17,17 +17,17 @@ Zeros (the worker's warm-up) hit neither marker. The model has no parameters, so
 run writes a model that computes exactly the same thing.
 """
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 import warnings
 
 # The venv has no numpy, which this script does not need; torch warns about it on import.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchscript_version import write_version_main  # noqa: E402
 
 RAISE_MARKER = -999.0
 LOOP_MARKER = -777.0
@@ -61,28 +61,7 @@ class Faulty(torch.nn.Module):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="folder that holds the model's version folders")
-    parser.add_argument("--version", type=int, default=1, help="version number (default 1)")
-    args = parser.parse_args()
-    if args.version < 1:
-        parser.error(f"--version is {args.version}; a version is a positive integer")
-
-    target = os.path.join(args.out_dir, str(args.version))
-    if os.path.exists(target):
-        print(f"error: {target} already exists; refusing to overwrite it", file=sys.stderr)
-        return 1
-    os.makedirs(args.out_dir, exist_ok=True)
-    # Written beside the target and renamed into place, so a watcher never sees half a version.
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{args.version}-", dir=args.out_dir)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from a server run as another user
-    torch.jit.script(Faulty()).save(os.path.join(tmp, "model.pt"))
-    with open(os.path.join(tmp, "signature.json"), "w") as f:
-        json.dump(SIGNATURE, f, indent=2)
-        f.write("\n")
-    os.rename(tmp, target)
-    print(f"wrote {target}")
-    return 0
+    return write_version_main(__doc__.split("\n\n")[0], Faulty(), SIGNATURE)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,8 @@ served as signature "serving_default" with input "x" and outputs "y" and "total"
 no parameters, so every run writes a model that computes exactly the same thing.
 """
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 import warnings
 from typing import Tuple
 
@@ -21,6 +18,9 @@ from typing import Tuple
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchscript_version import write_version_main  # noqa: E402
 
 SIGNATURE = {
     "signatures": {
@@ -42,28 +42,7 @@ class AffineAndSum(torch.nn.Module):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="folder that holds the model's version folders")
-    parser.add_argument("--version", type=int, default=1, help="version number (default 1)")
-    args = parser.parse_args()
-    if args.version < 1:
-        parser.error(f"--version is {args.version}; a version is a positive integer")
-
-    target = os.path.join(args.out_dir, str(args.version))
-    if os.path.exists(target):
-        print(f"error: {target} already exists; refusing to overwrite it", file=sys.stderr)
-        return 1
-    os.makedirs(args.out_dir, exist_ok=True)
-    # Written beside the target and renamed into place, so a watcher never sees half a version.
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{args.version}-", dir=args.out_dir)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from a server run as another user
-    torch.jit.script(AffineAndSum()).save(os.path.join(tmp, "model.pt"))
-    with open(os.path.join(tmp, "signature.json"), "w") as f:
-        json.dump(SIGNATURE, f, indent=2)
-        f.write("\n")
-    os.rename(tmp, target)
-    print(f"wrote {target}")
-    return 0
+    return write_version_main(__doc__.split("\n\n")[0], AffineAndSum(), SIGNATURE)
 
 
 if __name__ == "__main__":
