@@ -233,10 +233,13 @@ async fn listings_larger_than_a_grpc_message_are_paged() {
         || rx.borrow_and_update().models.contains_key(&m2),
     )
     .await;
-    assert!(
-        reader.watch_streams_opened() >= 2,
-        "the watch was re-listed"
-    );
+    // The re-list brings the write before the new watch stream is open: wait for it.
+    eventually(
+        Duration::from_secs(10),
+        "the watch opened again after the re-list",
+        || reader.watch_streams_opened() >= 2,
+    )
+    .await;
 }
 
 /// A lease that expired while etcd was frozen: the worker is registered again within
