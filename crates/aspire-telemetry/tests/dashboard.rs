@@ -64,7 +64,7 @@ fn unknown(names: &[String], exported: &BTreeMap<String, bool>) -> Vec<String> {
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
                 .find_map(|s| name.strip_suffix(s));
-            !base.is_some_and(|b| exported.get(b) == Some(&true))
+            base.is_none_or(|b| exported.get(b) != Some(&true))
         })
         .cloned()
         .collect()
