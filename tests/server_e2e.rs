@@ -407,6 +407,7 @@ async fn corrupt_version_keeps_the_old_one_serving() {
     let server = Server::start(&[
         "--model_name=mnist",
         &format!("--model_base_path={}", base.display()),
+        "--log-format=json",
     ]);
     server.wait_available("mnist", 1, LIMIT).await;
 
@@ -442,6 +443,28 @@ async fn corrupt_version_keeps_the_old_one_serving() {
     .await;
     let _ = &mut mc;
     assert!(error.contains("model.pt"), "{error}");
+    // With --log-format=json every line is one JSON object with level, target and
+    // message, and the load failure carries the model and version as fields.
+    let log = server.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["target"].is_string() && l["message"].is_string()),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l["level"] == "ERROR"
+            && l["model"] == "mnist"
+            && l["version"] == "2"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("load failed"))),
+        "no JSON line for v2's load failure with its model and version:\n{log}"
+    );
     let report = client(&server, 50, 4).await;
     assert_eq!(report.failed_rpcs(), 0, "{}", report.counts_line());
     assert_eq!(

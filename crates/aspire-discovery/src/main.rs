@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = DiscoveryCli::parse();
-    aspire_telemetry::init_logging();
+    aspire_telemetry::init_logging(cli.log.log_format);
     let models = cli.models.models().map_err(anyhow::Error::msg)?;
     let registry = Arc::new(cli.etcd.connect().await?);
     let stop = CancellationToken::new();

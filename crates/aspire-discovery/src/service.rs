@@ -28,6 +28,9 @@ pub struct DiscoveryCli {
     /// etcd.
     #[command(flatten)]
     pub etcd: aspire_registry::cli::EtcdArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: aspire_telemetry::LogArgs,
 }
 
 /// Which models to serve and how often to look at them.

@@ -29,6 +29,9 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
     about = "Serve TensorFlow Serving's gRPC API in front of Aspire workers, routing each request to a live worker that has the right model version loaded"
 )]
 pub struct RouterConfig {
+    /// Logging.
+    #[command(flatten)]
+    pub log: aspire_telemetry::LogArgs,
     /// gRPC port.
     #[arg(long, env = "ASPIRE_PORT", default_value_t = 8500)]
     pub port: u16,

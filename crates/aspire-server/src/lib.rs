@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
     about = "Serve TorchScript models with TensorFlow Serving's gRPC API, in one process"
 )]
 pub struct Config {
+    /// Logging.
+    #[command(flatten)]
+    pub log: aspire_telemetry::LogArgs,
     /// gRPC port.
     #[arg(long, env = "ASPIRE_PORT", default_value_t = 8500)]
     pub port: u16,

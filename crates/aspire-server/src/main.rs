@@ -6,7 +6,7 @@ use clap::Parser;
 fn main() -> anyhow::Result<()> {
     let (args, unimplemented) = tf_flags::strip_unimplemented(std::env::args_os().collect());
     let config = Config::parse_from(args);
-    aspire_telemetry::init_logging();
+    aspire_telemetry::init_logging(config.log.log_format);
     for flag in unimplemented {
         tracing::warn!(
             "{flag}: this TensorFlow Serving flag is not implemented by aspire-server yet; ignoring it"

@@ -234,6 +234,9 @@ fn serving_until_drain(
     about = "Load the model versions etcd asks for and serve them over TensorFlow Serving's gRPC API"
 )]
 pub struct WorkerCli {
+    /// Logging.
+    #[command(flatten)]
+    pub log: aspire_telemetry::LogArgs,
     /// Address to listen on.
     #[arg(long, env = "ASPIRE_WORKER_HOST", default_value = "0.0.0.0")]
     pub host: String,

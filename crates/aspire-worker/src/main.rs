@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = WorkerCli::parse();
-    aspire_telemetry::init_logging();
+    aspire_telemetry::init_logging(cli.log.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.serving.runtime_threads())
         .enable_all()
