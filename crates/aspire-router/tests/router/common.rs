@@ -107,6 +107,18 @@ impl Cluster {
     }
 
     /// Starts the router's graceful shutdown; resolves when `run` has returned.
+    /// A router with model `m` (v1 available and aspired) on two fake workers, "a" and
+    /// "b", both with v1 AVAILABLE; returns once the router serves v1 by default.
+    pub async fn two_workers_serving_m_v1() -> (Self, FakeWorker, FakeWorker) {
+        let cluster = Self::start().await;
+        let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
+        cluster.model("m", &[1], &[1]).await;
+        cluster.register(&a, &[(1, VersionState::Available)]).await;
+        cluster.register(&b, &[(1, VersionState::Available)]).await;
+        eventually_default_version(&mut cluster.client(), "m", 1).await;
+        (cluster, a, b)
+    }
+
     pub fn shutdown(&mut self) -> tokio::task::JoinHandle<()> {
         let _ = self.stop.take().expect("already shut down").send(());
         self.task.take().unwrap()

@@ -223,13 +223,7 @@ async fn send_concurrently(cluster: &Cluster, total: usize, concurrency: usize) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_spread_over_workers() {
-    let cluster = Cluster::start().await;
-    let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
-    cluster.model("m", &[1], &[1]).await;
-    cluster.register(&a, &[(1, Available)]).await;
-    cluster.register(&b, &[(1, Available)]).await;
-    let mut client = cluster.client();
-    eventually_default_version(&mut client, "m", 1).await;
+    let (cluster, a, b) = Cluster::two_workers_serving_m_v1().await;
     cluster.sync().await;
     for w in [&a, &b] {
         w.state.set_mode(Mode::Delay(Duration::from_millis(5)));
@@ -243,13 +237,7 @@ async fn concurrent_requests_spread_over_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_worker_gets_fewer_requests() {
-    let cluster = Cluster::start().await;
-    let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
-    cluster.model("m", &[1], &[1]).await;
-    cluster.register(&a, &[(1, Available)]).await;
-    cluster.register(&b, &[(1, Available)]).await;
-    let mut client = cluster.client();
-    eventually_default_version(&mut client, "m", 1).await;
+    let (cluster, a, b) = Cluster::two_workers_serving_m_v1().await;
     cluster.sync().await;
     a.state.set_mode(Mode::Delay(Duration::from_millis(300)));
     let (ca, cb) = (a.state.calls(), b.state.calls());

@@ -73,13 +73,8 @@ async fn a_default_request_goes_again_to_the_same_worker_at_its_default_version(
 
 #[tokio::test]
 async fn without_a_default_in_the_answer_the_request_is_routed_again_elsewhere() {
-    let cluster = Cluster::start().await;
-    let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
-    cluster.model("m", &[1], &[1]).await;
-    cluster.register(&a, &[(1, Available)]).await;
-    cluster.register(&b, &[(1, Available)]).await;
+    let (cluster, a, _b) = Cluster::two_workers_serving_m_v1().await;
     let mut client = cluster.client();
-    eventually_default_version(&mut client, "m", 1).await;
     // "a" is unloading everything (a drain) and has no default to offer.
     a.state.set_mode(Mode::Unloading {
         version: 1,
@@ -132,13 +127,8 @@ async fn a_named_version_goes_to_another_worker_that_has_it_else_not_found() {
 
 #[tokio::test]
 async fn re_picks_are_bounded_and_their_answer_is_clean() {
-    let cluster = Cluster::start().await;
-    let (a, b) = (FakeWorker::start("a").await, FakeWorker::start("b").await);
-    cluster.model("m", &[1], &[1]).await;
-    cluster.register(&a, &[(1, Available)]).await;
-    cluster.register(&b, &[(1, Available)]).await;
+    let (cluster, a, b) = Cluster::two_workers_serving_m_v1().await;
     let mut client = cluster.client();
-    eventually_default_version(&mut client, "m", 1).await;
     // Both are unloading the version with nothing to offer instead: the router would
     // bounce between them.
     for w in [&a, &b] {
