@@ -87,11 +87,10 @@ async fn a_rollout_seen_4_s_late_by_the_router_loses_no_request() {
     // v1 -> v2: the workers unload v1 (2 s grace) while the router still routes to it.
     let t = Instant::now();
     stack.add_version(2);
+    // Clients may get v2 before the router's view has it: a worker that dropped v1
+    // answers "unloading" with v2 as its default, and the router sends the request
+    // there. The re-pick count below shows the lag was met.
     let to_v2 = stack.wait_default(2, t).await;
-    assert!(
-        to_v2 >= lag,
-        "the router saw v2 after {to_v2:?}, before the lag"
-    );
     println!("copy v2 -> v2 served by default through a {lag:?} lag: {to_v2:?}");
 
     // Roll back to v1 by pin, then unpin: each time the workers drop the version the
